@@ -1,0 +1,1 @@
+"""Dimple: discrete-diffusion multimodal LLM on transformers 5.x."""

@@ -1,0 +1,602 @@
+"""Discrete-diffusion decoding for Dimple: `generate()` fills a canvas of `<|mask|>` tokens over a few passes.
+
+Read top to bottom, `DimpleGenerationMixin.generate` does:
+1. prepare: resolve the generation config, validate, append the mask canvas (or a structure-prior template);
+2. encode once: prompt embeddings with image features merged, M-RoPE positions for prompt + canvas;
+3. step 0: a full forward; with `use_cache` the prompt's keys/values (all but its last token) are kept as a
+   read-only prefix, computed while the answer was all masks (the released semantics);
+4. each step: forward (the full sequence, or the last prompt token + canvas against the prefix), the LM head
+   only where a mask waits for a token, propose tokens, commit per row (threshold, else schedule);
+5. finish when no mask is left (or after `steps`), return sequences and decoding statistics.
+
+The selection rules are small pure functions over (batch, answer) grids. Unlike the reference, every count and
+every top-k is computed per row, so a row's answer never depends on its batch mates; at batch size 1 the
+arithmetic (float32 schedule, strict `>` threshold, argmax and confidence definitions) is the reference's.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.utils import ModelOutput, logging
+
+
+logger = logging.get_logger(__name__)
+
+ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+PIPELINES = ("dim", "dream")
+TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+class DimpleGenerationConfig(GenerationConfig):
+    """Settings of diffusion decoding.
+
+    Defaults give the paper's fast path, deterministically: confident decoding (commit every masked position
+    whose confidence exceeds `alg_p_threshold` = 0.95, else the most confident ones by the timestep schedule,
+    `alg="maskgit_plus"`), greedy tokens (`temperature=0`) and the prefix cache (`use_cache=True`).
+
+    Args:
+        max_new_tokens: answer length, i.e. number of mask slots (default 64). `max_length` (prompt + answer)
+            is honoured when given instead.
+        steps: maximum number of denoising steps (default: `max_new_tokens`, one token per step at worst).
+        eps: last value of the timestep grid `linspace(1, eps, steps + 1)`.
+        alg: how positions are chosen: one of `ALGORITHMS`.
+        alg_temp: > 0 samples positions from softmax(confidence / alg_temp) instead of taking the top ones.
+        alg_p_threshold: confident-decoding threshold in [0, 1] (`dim` pipeline); None or 0 disables it.
+        use_original_confidence: confidences from the unfiltered softmax (`dim` pipeline).
+        decoding_pipeline: `"dim"` (Dimple's: threshold + snapped schedule, stops when done) or `"dream"`
+            (Dream's: exactly `steps` iterations, linear schedule).
+        temperature, top_p, top_k: token sampling (temperature 0 = argmax).
+        use_cache: prefix caching of the prompt.
+        output_history / return_dict_in_generate / num_return_sequences: as in transformers.
+    """
+
+    def __init__(self, **kwargs):
+        # Like transformers' DiffusionGemma config, the autoregressive fields of the parent are not wanted here.
+        self.max_new_tokens: int | None = kwargs.pop("max_new_tokens", 64)
+        self.max_length: int | None = kwargs.pop("max_length", None)
+        self.steps: int | None = kwargs.pop("steps", None)
+        self.eps: float = kwargs.pop("eps", 1e-3)
+        self.alg: str = kwargs.pop("alg", "maskgit_plus")
+        self.alg_temp: float | None = kwargs.pop("alg_temp", None)
+        self.alg_p_threshold: float | None = kwargs.pop("alg_p_threshold", 0.95)
+        self.use_original_confidence: bool = kwargs.pop("use_original_confidence", True)
+        self.decoding_pipeline: str = kwargs.pop("decoding_pipeline", "dim")
+        self.temperature: float = kwargs.pop("temperature", 0.0)
+        self.do_sample: bool = kwargs.pop("do_sample", False)
+        self.top_p: float | None = kwargs.pop("top_p", None)
+        self.top_k: int | None = kwargs.pop("top_k", None)
+        self.use_cache: bool = kwargs.pop("use_cache", True)
+        self.num_return_sequences: int = kwargs.pop("num_return_sequences", 1)
+        self.return_dict_in_generate: bool = kwargs.pop("return_dict_in_generate", False)
+        self.output_history: bool = kwargs.pop("output_history", False)
+        for key in TOKEN_ID_KEYS:
+            setattr(self, key, kwargs.pop(key, None))
+        self._from_model_config: bool = kwargs.pop("_from_model_config", False)
+        self._commit_hash: str | None = kwargs.pop("_commit_hash", None)
+        self.transformers_version: str | None = kwargs.pop("transformers_version", None)
+        # Released generation_config.json files may carry further keys (e.g. `generation_kwargs`): keep them.
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.validate()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DimpleGenerationConfig":
+        """Only the special-token ids carry over from a model config; decoding settings keep their defaults."""
+        values = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        return cls(**{key: values.get(key) for key in TOKEN_ID_KEYS})
+
+    @classmethod
+    def from_loaded(cls, loaded: GenerationConfig) -> "DimpleGenerationConfig":
+        """Convert what `from_pretrained` read from generation_config.json.
+
+        A file written from a model config (`_from_model_config`, as the released one) carries no decoding
+        intent, only token ids; anything else is taken as the author's decoding settings.
+        """
+        values = {key: value for key, value in loaded.to_diff_dict().items() if key != "transformers_version"}
+        if values.get("_from_model_config"):
+            values = {key: values[key] for key in TOKEN_ID_KEYS if key in values}
+        return cls(**values)
+
+    def validate(self, strict: bool = False, **kwargs) -> None:
+        """Raise `ValueError` for any setting the decoder cannot honour, naming the fix."""
+        if self.alg not in ALGORITHMS:
+            raise ValueError(f"Unknown alg {self.alg!r}; choose one of {', '.join(ALGORITHMS)}.")
+        if self.decoding_pipeline not in PIPELINES:
+            raise ValueError(
+                f"Unknown decoding_pipeline {self.decoding_pipeline!r}; choose one of {', '.join(PIPELINES)}."
+            )
+        if self.decoding_pipeline == "dream" and self.alg == "origin-ratio":
+            raise ValueError("alg='origin-ratio' exists only in the 'dim' pipeline; use alg='origin' with 'dream'.")
+        if self.alg_p_threshold is not None and not 0.0 <= self.alg_p_threshold <= 1.0:
+            raise ValueError(
+                f"alg_p_threshold must lie in [0, 1] (a probability), got {self.alg_p_threshold}; "
+                "use None or 0 to disable confident decoding."
+            )
+        for name in ("steps", "max_new_tokens", "num_return_sequences"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must lie in (0, 1), got {self.eps}.")
+        if self.temperature is None or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if self.do_sample and self.temperature == 0:
+            raise ValueError("do_sample=True needs temperature > 0 (Dimple samples exactly when temperature > 0).")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise ValueError(f"alg_temp must be >= 0 (None or 0 = take the most confident), got {self.alg_temp}.")
+
+
+@dataclass
+class DimpleGenerationOutput(ModelOutput):
+    """Result of `generate(..., return_dict_in_generate=True)`.
+
+    `sequences` holds prompt + answer canvas; `history` one snapshot of it per step (with `output_history`);
+    `num_forward_passes` the model calls made; `tokens_per_forward` per row, answer tokens committed per call.
+    """
+
+    sequences: torch.LongTensor | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+    num_forward_passes: int | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+
+
+class DimplePrefixLayer(DynamicLayer):
+    """A cache layer that keeps the first `prefix_length` positions of its first update, then only reads them.
+
+    The first update (step 0, the full sequence) is stored whole; later updates overwrite the window part of that
+    buffer in place and return it, so the prefix is never recomputed, appended to or reallocated.
+    """
+
+    def __init__(self, prefix_length: int):
+        super().__init__()
+        self.prefix_length = prefix_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        if self.prefix_length + key_states.shape[-2] != self.keys.shape[-2]:
+            raise ValueError(
+                f"A cached step must feed exactly the {self.keys.shape[-2] - self.prefix_length} positions after the "
+                f"prefix, got {key_states.shape[-2]}."
+            )
+        self.keys[..., self.prefix_length :, :] = key_states
+        self.values[..., self.prefix_length :, :] = value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length if self.is_initialized else 0
+
+
+def prefix_cache(num_layers: int, prefix_length: int) -> Cache:
+    return Cache(layers=[DimplePrefixLayer(prefix_length) for _ in range(num_layers)])
+
+
+# --- Unmasking policies: pure functions over flattened masked logits and (batch, answer) grids -------------
+
+
+def propose_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    banned: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate token per masked position, plus the unfiltered and filtered distributions (K, V).
+
+    Tokens are argmax (temperature 0) or sampled from the temperature/top-p/top-k filtered distribution;
+    `banned` ids (mask, vision tokens) are never proposed, without altering either distribution.
+    """
+    original = logits.softmax(dim=-1)
+    scores = logits / temperature if temperature > 0 else logits
+    if top_p is not None and top_p < 1:
+        scores = TopPLogitsWarper(top_p, filter_value=torch.finfo(scores.dtype).min)(None, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k, filter_value=torch.finfo(scores.dtype).min)(None, scores)
+    filtered = scores.softmax(dim=-1)
+    weights = filtered.masked_fill(banned, 0.0)
+    weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, original.masked_fill(banned, 0.0))
+    if temperature > 0:
+        tokens = torch.multinomial(weights, num_samples=1).squeeze(-1)
+    else:
+        tokens = weights.max(dim=-1).indices
+    return tokens, original, filtered
+
+
+def token_confidence(alg: str, probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Confidence per masked position: probability of the token, top-1 minus top-2, or negative entropy."""
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if alg == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    return probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def snapped_schedule(
+    masks_left: torch.Tensor, masks_initial: torch.Tensor, step: int, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dim` fallback: how many tokens each row commits now, and the grid value s that gave that count.
+
+    The row's progress r = masks_left / masks_initial is snapped to the first grid point s ahead of both r and
+    the current step for which floor(masks_left * (1 - s / r)) >= 1; the final grid point means "all".
+    """
+    steps = timesteps.numel() - 1
+    ratio = masks_left / masks_initial.clamp(min=1)
+    first_below = (timesteps[None, :] >= ratio[:, None]).sum(dim=1)
+    start = first_below.clamp(min=step + 1)
+    counts = (masks_left[:, None].float() * (1 - timesteps[None, :] / ratio[:, None])).nan_to_num(0.0).long()
+    counts[:, -1] = masks_left
+    index = torch.arange(steps + 1, device=timesteps.device)
+    usable = (index[None, :] >= start[:, None]) & (counts >= 1)
+    chosen = torch.where(usable.any(dim=1), usable.int().argmax(dim=1), steps)
+    row_counts = counts.gather(1, chosen[:, None]).squeeze(1)
+    return torch.where(masks_left > 0, row_counts, 0), timesteps[chosen]
+
+
+def linear_schedule(masks_left: torch.Tensor, step: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """`dream` schedule: commit floor(masks_left * (1 - s / t)) at grid step t -> s, everything at the end."""
+    if step == timesteps.numel() - 2:
+        return masks_left
+    t, s = timesteps[step], timesteps[step + 1]
+    return (masks_left.float() * (1 - s / t)).long()
+
+
+def select_most_confident(
+    confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor, alg_temp: float | None
+) -> torch.Tensor:
+    """Per row, the `counts` masked positions of highest confidence, or sampled from softmax(conf / alg_temp)."""
+    scores = confidence
+    if alg_temp:
+        logp = (confidence / alg_temp).masked_fill(~masked, float("-inf")).log_softmax(dim=-1)
+        gumbel = -torch.log(-torch.log(torch.rand_like(logp).clamp(min=1e-20)))
+        scores = logp + gumbel
+    return rank_below(scores.masked_fill(~masked, float("-inf")), counts) & masked
+
+
+def select_random(masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, `counts` masked positions uniformly at random (alg `origin`)."""
+    return rank_below(torch.rand(masked.shape, device=masked.device).masked_fill(~masked, -1.0), counts) & masked
+
+
+def select_leftmost(masked: torch.Tensor) -> torch.Tensor:
+    """The first masked position of each row (alg `autoregressive`)."""
+    first = torch.zeros_like(masked)
+    first.scatter_(1, masked.int().argmax(dim=1, keepdim=True), True)
+    return first & masked
+
+
+def rank_below(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean grid: True where a position is among the `counts[row]` highest scores of its row."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks < counts[:, None]
+
+
+def select_by_schedule(
+    alg: str, confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor, alg_temp: float | None
+) -> torch.Tensor:
+    """Positions an algorithm commits once the schedule has fixed each row's count."""
+    if alg == "autoregressive":
+        return select_leftmost(masked)
+    if alg == "origin":
+        return select_random(masked, counts)
+    return select_most_confident(confidence, masked, counts, alg_temp)
+
+
+def dim_commit(
+    config: DimpleGenerationConfig,
+    step: int,
+    steps: int,
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    masks_initial: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Dimple's rule: per row, confident decoding first; rows where nothing passes use the snapped schedule."""
+    masks_left = masked.sum(dim=1)
+    counts, grid_value = snapped_schedule(masks_left, masks_initial, step, timesteps)
+    if config.alg == "origin-ratio":
+        ratio = masks_left / masks_initial.clamp(min=1)
+        is_last = grid_value == timesteps[-1]
+        probability = torch.where(is_last, torch.ones_like(ratio), 1 - grid_value / ratio)
+        chosen = (torch.rand(masked.shape, device=masked.device) < probability[:, None]) & masked
+    else:
+        chosen = select_by_schedule(config.alg, confidence, masked, counts, config.alg_temp)
+    if not config.alg_p_threshold:
+        return chosen
+    confident = masked if step == steps - 1 else masked & (confidence > config.alg_p_threshold)
+    return torch.where(confident.any(dim=1, keepdim=True), confident, chosen)
+
+
+def dream_commit(
+    config: DimpleGenerationConfig,
+    step: int,
+    steps: int,
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Dream's rule: a linear schedule over exactly `steps` iterations."""
+    if config.alg == "autoregressive":
+        return select_leftmost(masked)
+    if config.alg == "origin":
+        t, s = timesteps[step], timesteps[step + 1]
+        probability = 1.0 if step == steps - 1 else float(1 - s / t)
+        return (torch.rand(masked.shape, device=masked.device) < probability) & masked
+    counts = linear_schedule(masked.sum(dim=1), step, timesteps)
+    return select_most_confident(confidence, masked, counts, config.alg_temp)
+
+
+def answer_lengths(answers: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Per row, the number of answer tokens before the first stop token (EOS, `<|endoftext|>`)."""
+    stops = torch.isin(answers, torch.tensor(stop_ids, device=answers.device))
+    has_stop = stops.any(dim=1)
+    return torch.where(has_stop, stops.int().argmax(dim=1), answers.shape[1])
+
+
+class DimpleGenerationMixin(GenerationMixin):
+    """`generate()` for Dimple: discrete-diffusion decoding (see the module docstring)."""
+
+    generation_config_class = DimpleGenerationConfig
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        """transformers loads generation_config.json as a plain `GenerationConfig`; make it ours."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if not isinstance(self.generation_config, DimpleGenerationConfig):
+            self.generation_config = DimpleGenerationConfig.from_loaded(self.generation_config)
+
+    def diffusion_generate(self, inputs: torch.LongTensor | None = None, generation_config=None, **kwargs):
+        """The reference implementation's entry point and keyword names; same as `generate`."""
+        return self.generate(inputs, generation_config=generation_config, **kwargs)
+
+    def resolve_generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+    ) -> tuple[DimpleGenerationConfig, dict[str, Any]]:
+        """Call kwargs > `generation_config` argument > `model.generation_config` > class defaults."""
+        base = generation_config if generation_config is not None else self.generation_config
+        if not isinstance(base, DimpleGenerationConfig):
+            base = DimpleGenerationConfig.from_loaded(base)
+        config = copy.deepcopy(base)
+        model_inputs = config.update(**kwargs)
+        for key in ("mask_token_id", "pad_token_id", "eos_token_id"):
+            if getattr(config, key) is None:
+                setattr(config, key, getattr(self.config, key))
+        if config.output_history and not config.return_dict_in_generate:
+            raise ValueError("output_history=True needs return_dict_in_generate=True (the history lives in the output).")
+        return config, model_inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer=None,
+        **kwargs,
+    ) -> torch.LongTensor | DimpleGenerationOutput:
+        """Fill `max_new_tokens` mask slots after each prompt by discrete diffusion.
+
+        Args:
+            inputs / input_ids: left-padded prompts (batch, prompt_len); `attention_mask`, `pixel_values` and
+                `image_grid_thw` as returned by the processor.
+            generation_config: a `DimpleGenerationConfig`; any of its fields can also be passed as keywords.
+            streamer: transformers' `TextStreamer`/`TextIteratorStreamer` (final text, batch size 1); a streamer
+                with `put_draft` (e.g. `TextDiffusionStreamer`) also receives the answer canvas after every step.
+            response_template: structure prior, ids (answer_len,) or (batch, answer_len): `mask_token_id` marks
+                the slots to fill, every other token is fixed. Sets the answer length.
+            generation_tokens_hook_func(step, x, logits) -> x and generation_logits_hook_func(step, x, logits)
+                -> logits: the reference's hooks (first tokens-hook call has step=None, logits=None).
+
+        Returns:
+            prompt + answer ids (batch, prompt_len + answer_len), or a `DimpleGenerationOutput` with
+            `return_dict_in_generate=True`.
+        """
+        tokens_hook: Callable | None = kwargs.pop("generation_tokens_hook_func", None)
+        logits_hook: Callable | None = kwargs.pop("generation_logits_hook_func", None)
+        template = kwargs.pop("response_template", None)
+        length_given_as_total = "max_length" in kwargs and "max_new_tokens" not in kwargs
+        config, model_inputs = self.resolve_generation_config(generation_config, kwargs)
+        input_ids = inputs if inputs is not None else model_inputs.pop("input_ids", None)
+        attention_mask = model_inputs.pop("attention_mask", None)
+        pixel_values = model_inputs.pop("pixel_values", None)
+        image_grid_thw = model_inputs.pop("image_grid_thw", None)
+        model_inputs.pop("mm_token_type_ids", None)
+        if model_inputs:
+            raise TypeError(
+                f"generate() got unexpected keyword arguments {sorted(model_inputs)}. Positions and embeddings are "
+                "computed from input_ids; decoding settings are the fields of DimpleGenerationConfig."
+            )
+
+        input_ids, attention_mask = self.validate_prompt(input_ids, attention_mask, config.mask_token_id)
+        batch_size, prompt_len = input_ids.shape
+        canvas = self.initial_canvas(config, template, batch_size, prompt_len, length_given_as_total)
+        answer_len = canvas.shape[1]
+        steps = config.steps or answer_len
+        total_len = prompt_len + answer_len
+        if total_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Prompt ({prompt_len}) + answer ({answer_len}) tokens exceed the model's "
+                f"max_position_embeddings ({self.config.max_position_embeddings}); shorten the prompt or the answer."
+            )
+
+        prompt_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values, image_grid_thw)
+            prompt_embeds = self.merge_image_features(input_ids, prompt_embeds, features)
+        sequences = torch.cat([input_ids, canvas], dim=1)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, answer_len)], dim=1)
+        if tokens_hook is not None:
+            sequences = checked_hook_tokens(tokens_hook(None, sequences, None), sequences, answer_len)
+        position_ids, rope_deltas = self.get_rope_index(sequences, image_grid_thw, full_mask)
+
+        repeats = config.num_return_sequences
+        if repeats > 1:
+            sequences, full_mask, prompt_embeds, rope_deltas = (
+                t.repeat_interleave(repeats, dim=0) for t in (sequences, full_mask, prompt_embeds, rope_deltas)
+            )
+            position_ids = position_ids.repeat_interleave(repeats, dim=1)
+        batch_size = sequences.shape[0]
+        window_positions = (torch.arange(prompt_len - 1, total_len, device=sequences.device) + rope_deltas)
+        window_positions = window_positions[None].expand(3, -1, -1)
+
+        mask_id = config.mask_token_id
+        banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
+        banned_ids = [mask_id] + [
+            getattr(self.config, name)
+            for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id")
+        ]
+        banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
+        timesteps = torch.linspace(1, config.eps, steps + 1, device=sequences.device)
+        masks_initial = (sequences[:, prompt_len:] == mask_id).sum(dim=1)
+        cache = prefix_cache(self.config.num_hidden_layers, prompt_len - 1) if config.use_cache else None
+        use_original = config.use_original_confidence and config.decoding_pipeline == "dim"
+        want_full_logits = tokens_hook is not None or logits_hook is not None
+        no_prefix = torch.zeros(batch_size, prompt_len - 1, dtype=torch.bool, device=sequences.device)
+        no_tail = torch.zeros(batch_size, 1, dtype=torch.bool, device=sequences.device)
+        draft_streamer = streamer if hasattr(streamer, "put_draft") else None
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        history, forward_passes = [], 0
+        for step in range(steps):
+            canvas = sequences[:, prompt_len:]
+            masked = canvas == mask_id
+            if cache is not None and step > 0:
+                x = sequences[:, prompt_len - 1 :]
+                embeds, positions = self.get_input_embeddings()(x), window_positions
+                keep = torch.cat([masked, no_tail], dim=1)
+            else:
+                x = sequences
+                embeds = torch.cat([prompt_embeds, self.get_input_embeddings()(canvas)], dim=1)
+                positions = position_ids
+                keep = torch.cat([no_prefix, masked, no_tail], dim=1)
+            logits = self(
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                logits_to_keep=0 if want_full_logits else keep,
+            ).logits
+            forward_passes += 1
+            if want_full_logits:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+                if logits_hook is not None:
+                    logits = logits_hook(step, x, logits)
+                masked_logits = logits[:, -answer_len:][masked]
+            else:
+                masked_logits = logits
+
+            tokens, original, filtered = propose_tokens(
+                masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
+            )
+            confidence = token_confidence(config.alg, original if use_original else filtered, tokens)
+            confidence = torch.full(masked.shape, float("-inf"), device=masked.device).masked_scatter(masked, confidence)
+            proposal = canvas.masked_scatter(masked, tokens)
+            if config.decoding_pipeline == "dim":
+                commit = dim_commit(config, step, steps, confidence, masked, masks_initial, timesteps)
+            else:
+                commit = dream_commit(config, step, steps, confidence, masked, timesteps)
+            new_canvas = torch.where(commit, proposal, canvas)
+            if tokens_hook is not None:
+                updated = torch.cat([x[:, :-answer_len], new_canvas], dim=1)
+                new_canvas = checked_hook_tokens(tokens_hook(step, updated, logits), updated, answer_len)[:, -answer_len:]
+            sequences[:, prompt_len:] = new_canvas
+            if config.output_history:
+                history.append(sequences.clone())
+            if draft_streamer is not None:
+                draft_streamer.put_draft(new_canvas.cpu())
+            if config.decoding_pipeline == "dim" and not bool((new_canvas == mask_id).any()):
+                break
+
+        if streamer is not None:
+            answers = sequences[:, prompt_len:]
+            stops = [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)]
+            keep_len = int(answer_lengths(answers, stops)[0]) if stops else answer_len
+            streamer.put(answers[:, :keep_len].cpu())
+            streamer.end()
+        if not config.return_dict_in_generate:
+            return sequences
+        committed = masks_initial - (sequences[:, prompt_len:] == mask_id).sum(dim=1)
+        return DimpleGenerationOutput(
+            sequences=sequences,
+            history=tuple(history) if config.output_history else None,
+            num_forward_passes=forward_passes,
+            tokens_per_forward=committed.float() / forward_passes,
+        )
+
+    def validate_prompt(
+        self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, mask_token_id: int
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Check the prompt batch and move it to the model's device; generation needs left padding."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+            raise ValueError("generate() needs `input_ids` as a LongTensor of shape (batch, prompt_len).")
+        if input_ids.shape[1] == 0:
+            raise ValueError("The prompt is empty; diffusion decoding needs at least one prompt token.")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "The batch is right-padded; diffusion decoding appends the answer after the last column, so prompts "
+                "must be left-padded (the processor pads on the left)."
+            )
+        if bool((input_ids == mask_token_id).any()):
+            raise ValueError(
+                f"The prompt contains the mask token (id {mask_token_id}); masks belong to the answer. Use "
+                "`response_template` to give the answer a structure with slots to fill."
+            )
+        return input_ids, attention_mask
+
+    def initial_canvas(
+        self,
+        config: DimpleGenerationConfig,
+        template: torch.Tensor | None,
+        batch_size: int,
+        prompt_len: int,
+        length_given_as_total: bool,
+    ) -> torch.LongTensor:
+        """The answer before decoding: all masks, or the structure-prior template."""
+        if template is None:
+            answer_len = config.max_new_tokens
+            if length_given_as_total:
+                answer_len = config.max_length - prompt_len
+                if answer_len < 1:
+                    raise ValueError(
+                        f"max_length ({config.max_length}) leaves no room after the {prompt_len}-token prompt; "
+                        "set max_new_tokens instead."
+                    )
+            return torch.full((batch_size, answer_len), config.mask_token_id, dtype=torch.long, device=self.device)
+        template = torch.as_tensor(template, device=self.device)
+        if template.dtype != torch.long or template.ndim not in (1, 2) or template.shape[-1] == 0:
+            raise ValueError("response_template must be token ids of shape (answer_len,) or (batch, answer_len).")
+        template = template.expand(batch_size, -1) if template.ndim == 1 else template
+        if template.shape[0] != batch_size:
+            raise ValueError(f"response_template has {template.shape[0]} rows for a batch of {batch_size}.")
+        return template.clone()
+
+
+def checked_hook_tokens(result: torch.Tensor, before: torch.Tensor, answer_len: int) -> torch.Tensor:
+    """A tokens hook may rewrite the answer but must keep the shape and leave the prompt alone."""
+    if not isinstance(result, torch.Tensor) or result.shape != before.shape:
+        raise ValueError(
+            f"generation_tokens_hook_func must return a tensor of shape {tuple(before.shape)}, got "
+            f"{getattr(result, 'shape', type(result))}."
+        )
+    if not torch.equal(result[:, :-answer_len], before[:, :-answer_len]):
+        raise ValueError("generation_tokens_hook_func changed prompt tokens; it may only change answer positions.")
+    return result

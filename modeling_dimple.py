@@ -1,0 +1,400 @@
+"""Dimple: Qwen2.5-VL vision tower -> MLP projector -> bidirectional M-RoPE Qwen2 decoder -> untied LM head.
+
+The weight layout is the released one (`visual.*`, `img_projector.*`, `model.*`, `lm_head.*`). The vision tower,
+the decoder layer and the attention backends are transformers' own; what is Dimple-specific lives here: the
+multimodal rotary positions, the projector, bidirectional masking and the logit convention (the output at
+position i predicts token i + 1; the diffusion sampler shifts it by one).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2RMSNorm
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_dimple import DimpleConfig
+from .generation_utils import DimpleGenerationMixin
+
+
+@dataclass
+class DimpleModelOutput(ModelOutput):
+    """Output of `DimpleModel.forward`.
+
+    `logits[:, i]` predicts token `i + 1` (autoregressive convention kept from the Dream/Qwen initialisation).
+    `rope_deltas` (per row: largest M-RoPE position + 1 - sequence length) lets a cached step place new tokens.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    rope_deltas: torch.LongTensor | None = None
+
+
+class DimpleRotaryEmbedding(nn.Module):
+    """Multimodal RoPE: each head's rotary channels are split into temporal, height and width chunks.
+
+    The frequency table is a float32 buffer; `DimplePreTrainedModel._apply` keeps it float32 when the model is
+    cast, because bf16 frequencies visibly shift positions beyond a few hundred tokens.
+    """
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__()
+        scaling = config.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "mrope"):
+            raise ValueError(f"Dimple supports only plain (mrope) rotary embeddings, got rope_scaling={scaling}.")
+        self.config = config
+        self.rope_type = "default"
+        self.mrope_section = list(config.mrope_section)
+        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DimpleConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (config.rope_theta**exponents), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`position_ids` is (3, batch, seq); returns cos/sin of shape (batch, seq, head_dim) in `x.dtype`."""
+        angles = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((angles, angles), dim=-1)
+        chunks = self.mrope_section * 2
+        cos = torch.cat([part[i % 3] for i, part in enumerate(angles.cos().split(chunks, dim=-1))], dim=-1)
+        sin = torch.cat([part[i % 3] for i, part in enumerate(angles.sin().split(chunks, dim=-1))], dim=-1)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class DimpleDecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer whose attention is bidirectional unless the config asks for causal training."""
+
+    def __init__(self, config: DimpleConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn.is_causal = not config.full_attn_mask
+
+
+class DimpleImageProjector(nn.Module):
+    """Two-layer MLP from the vision tower's output width to the decoder width."""
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.out_hidden_size, config.hidden_size, bias=True)
+        self.act = ACT2FN[config.hidden_act]
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class DimplePreTrainedModel(PreTrainedModel):
+    config: DimpleConfig
+    config_class = DimpleConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DimpleDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": DimpleDecoderLayer, "attentions": Qwen2Attention}
+
+    def _apply(self, fn, recurse: bool = True):
+        """Cast like any module, except that rotary frequency tables stay float32."""
+        rotary_tables = {
+            name: buffer
+            for name, buffer in self.named_buffers()
+            if name.endswith("inv_freq") and buffer.dtype == torch.float32
+        }
+        super()._apply(fn, recurse)
+        for name, table in rotary_tables.items():
+            module_name, _, buffer_name = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            current = getattr(module, buffer_name)
+            if current.dtype != torch.float32:
+                setattr(module, buffer_name, table.to(current.device))
+        return self
+
+
+class DimpleTextModel(DimplePreTrainedModel):
+    """The decoder stack (`model.*` in the checkpoint): embeddings, Qwen2 layers with M-RoPE, final norm."""
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DimpleDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DimpleRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`position_ids` is (3, batch, seq) for M-RoPE; (batch, seq) means text-only positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = text_position_ids(inputs_embeds.shape[:2], attention_mask, past_key_values)
+        if position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+
+        build_mask = create_bidirectional_mask if self.config.full_attn_mask else create_causal_mask
+        mask = build_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+def text_position_ids(
+    shape: torch.Size, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+) -> torch.LongTensor:
+    """1-D positions counting real tokens only (left padding does not shift them), after any cached prefix."""
+    batch_size, seq_len = shape
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.arange(past, past + seq_len, device=device)[None].expand(batch_size, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, -seq_len:]
+
+
+class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
+    """Dimple for diffusion generation: vision tower, projector, bidirectional decoder and LM head.
+
+    `forward` returns raw logits (position i predicts token i + 1); `generate` runs discrete-diffusion decoding.
+    """
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__(config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.img_projector = DimpleImageProjector(config)
+        self.model = DimpleTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        """Vision tower + projector: one row per merged image token, in the order of the image-pad tokens."""
+        if image_grid_thw is None:
+            raise ValueError(
+                "`pixel_values` were given without `image_grid_thw`; pass both, as returned by the processor."
+            )
+        pixel_values = pixel_values.to(dtype=self.visual.dtype, device=self.visual.device)
+        merged = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+        return self.img_projector(merged)
+
+    def merge_image_features(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the projected image features into the embedding rows of the image-pad tokens."""
+        image_mask = input_ids == self.config.image_token_id
+        num_tokens = int(image_mask.sum())
+        if num_tokens != image_features.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {num_tokens} image tokens but the "
+                f"images give {image_features.shape[0]} features. Build inputs with the processor, which expands "
+                "each image placeholder to the number of tokens its grid needs."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask[..., None], image_features)
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """M-RoPE position ids (3, batch, seq) and rope deltas (batch, 1), as the released model was trained.
+
+        Text gets equal ids in all three components, counting real tokens only; an image's tokens get
+        (frame, row, column) of its merged grid, offset by where the image starts; text after an image
+        continues from the largest id so far + 1. Padding gets id 1. Images are taken from `image_grid_thw`
+        in order over the whole batch. `rope_deltas` = (largest id + 1) - padded length.
+        """
+        batch_size, seq_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_grid_thw is None:
+            positions = text_position_ids(input_ids.shape, attention_mask, None)
+            deltas = positions.max(dim=-1, keepdim=True).values + 1 - seq_len
+            return positions[None].expand(3, -1, -1), deltas
+
+        merge = self.config.vision_config.spatial_merge_size
+        image_token, vision_start = self.config.image_token_id, self.config.vision_start_token_id
+        grids = iter(image_grid_thw.tolist())
+        ids_rows, mask_rows = input_ids.tolist(), attention_mask.bool().tolist()
+        position_ids = torch.ones(3, batch_size, seq_len, dtype=torch.long)
+        deltas = []
+        for row, (ids, keep) in enumerate(zip(ids_rows, mask_rows)):
+            tokens = [token for token, real in zip(ids, keep) if real]
+            num_images = sum(
+                1 for a, b in zip(tokens, tokens[1:]) if a == vision_start and b == image_token
+            )
+            pieces, next_position, cursor = [], 0, 0
+            for _ in range(num_images):
+                start = tokens.index(image_token, cursor)
+                frames, height, width = next(grids)
+                height, width = height // merge, width // merge
+                text = torch.arange(start - cursor) + next_position
+                pieces.append(text[None].expand(3, -1))
+                base = next_position + start - cursor
+                grid = torch.stack(
+                    torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+                ).flatten(1)
+                pieces.append(grid + base)
+                next_position = base + max(frames, height, width)
+                cursor = start + frames * height * width
+            tail = torch.arange(len(tokens) - cursor) + next_position
+            pieces.append(tail[None].expand(3, -1))
+            row_positions = torch.cat(pieces, dim=1)
+            position_ids[:, row, torch.tensor(keep, dtype=torch.bool)] = row_positions
+            deltas.append(int(row_positions.max()) + 1 - seq_len if row_positions.numel() else -seq_len)
+        device = input_ids.device
+        return position_ids.to(device), torch.tensor(deltas, device=device).unsqueeze(1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        rope_deltas: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DimpleModelOutput:
+        """One bidirectional pass.
+
+        Positions: computed here (M-RoPE from `input_ids`, `image_grid_thw`, `attention_mask`) unless given; with
+        a non-empty `past_key_values` the new tokens continue after the cached prefix using `rope_deltas`.
+        `logits_to_keep`: an int keeps the last n positions; a bool (batch, seq) tensor keeps the True positions
+        and returns logits of shape (num_true, vocab) — the sampler uses it to project only masked positions.
+        `labels` gives the autoregressive next-token loss (the diffusion loss lives in the trainer).
+        `mm_token_type_ids` is accepted for processor/pipeline compatibility and not needed.
+        """
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise ValueError("Dimple was not trained on video; pass video frames as individual images instead.")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values, image_grid_thw)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        if position_ids is None:
+            position_ids, rope_deltas = self.resolve_position_ids(
+                input_ids, inputs_embeds, image_grid_thw, attention_mask, past_key_values, rope_deltas
+            )
+
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            hidden_states = hidden_states[logits_to_keep]
+        elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return DimpleModelOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=rope_deltas,
+        )
+
+    def resolve_position_ids(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        rope_deltas: torch.LongTensor | None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+        """Positions for a forward call that was given none (see `forward`)."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past > 0:
+            if rope_deltas is None:
+                raise ValueError(
+                    "A forward after a cached prefix needs `rope_deltas` (returned by the first, uncached call) or "
+                    "explicit `position_ids`."
+                )
+            steps = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+            return (steps[None] + rope_deltas)[None].expand(3, -1, -1), rope_deltas
+        if input_ids is None:
+            if image_grid_thw is not None:
+                raise ValueError(
+                    "With `inputs_embeds` and images, pass `position_ids` (from `model.get_rope_index`): image "
+                    "positions cannot be recovered from embeddings."
+                )
+            return text_position_ids(inputs_embeds.shape[:2], attention_mask, None), rope_deltas
+        return self.get_rope_index(input_ids, image_grid_thw, attention_mask)
+
+
+__all__ = ["DimpleModel", "DimplePreTrainedModel", "DimpleTextModel", "DimpleModelOutput"]
