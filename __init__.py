@@ -1,1 +1,43 @@
-"""Dimple: discrete-diffusion multimodal LLM on transformers 5.x."""
+"""Dimple, the discrete-diffusion multimodal LLM, native on transformers 5.x.
+
+Importing the package registers Dimple with transformers' Auto classes, so `AutoModel.from_pretrained(folder)`
+works for pip users without `trust_remote_code`; the same files also ship as the Hub repo's remote code.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+
+from .configuration_dimple import DimpleConfig, DimpleVisionConfig
+from .generation_utils import DimpleGenerationConfig, DimpleGenerationOutput
+from .image_processing_dimple import DimpleImageProcessor
+from .modeling_dimple import DimpleModel, DimpleModelOutput, DimplePreTrainedModel
+from .processing_dimple import DimpleProcessor
+from .tokenization_dimple import DimpleTokenizer
+
+
+AutoConfig.register(DimpleConfig.model_type, DimpleConfig, exist_ok=True)
+for auto_class in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
+    auto_class.register(DimpleConfig, DimpleModel, exist_ok=True)
+AutoImageProcessor.register(DimpleConfig, image_processor_classes={"pil": DimpleImageProcessor}, exist_ok=True)
+AutoProcessor.register(DimpleConfig, DimpleProcessor, exist_ok=True)
+AutoTokenizer.register(DimpleConfig, tokenizer_class=DimpleTokenizer, exist_ok=True)
+
+__all__ = [
+    "DimpleConfig",
+    "DimpleVisionConfig",
+    "DimpleGenerationConfig",
+    "DimpleGenerationOutput",
+    "DimpleImageProcessor",
+    "DimpleModel",
+    "DimpleModelOutput",
+    "DimplePreTrainedModel",
+    "DimpleProcessor",
+    "DimpleTokenizer",
+]

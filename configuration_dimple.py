@@ -135,3 +135,5 @@ class DimpleConfig(PreTrainedConfig):
 
 
 __all__ = ["DimpleConfig", "DimpleVisionConfig"]
+
+DimpleConfig.register_for_auto_class()

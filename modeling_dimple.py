@@ -210,6 +210,14 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also map the task Auto classes that pipelines use to this class in the saved auto_map."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        tasks = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {})}
+        self.config.auto_map.update({task: f"{module}.{type(self).__name__}" for task in tasks})
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -396,5 +404,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             return text_position_ids(inputs_embeds.shape[:2], attention_mask, None), rope_deltas
         return self.get_rope_index(input_ids, image_grid_thw, attention_mask)
 
+
+DimpleModel.register_for_auto_class("AutoModel")
 
 __all__ = ["DimpleModel", "DimplePreTrainedModel", "DimpleTextModel", "DimpleModelOutput"]
