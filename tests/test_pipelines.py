@@ -1,0 +1,39 @@
+"""transformers pipelines run Dimple's diffusion decoding end to end."""
+
+import torch
+from PIL import Image
+from transformers import pipeline
+
+import dimple  # noqa: F401  (registers the Auto classes)
+from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+
+
+def test_image_text_to_text_pipeline_answers_a_chat_with_an_image():
+    pipe = pipeline("image-text-to-text", model=str(BUNDLED_CHECKPOINT), dtype=torch.float32)
+    image = Image.new("RGB", (64, 48), (255, 0, 0))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    result = pipe(text=messages, generate_kwargs={"max_new_tokens": 6, "steps": 3})
+    reply = result[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+
+    inputs = pipe.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    direct = pipe.model.generate(**inputs, max_new_tokens=6, steps=3)
+    expected = pipe.processor.post_process_image_text_to_text(direct[:, inputs["input_ids"].shape[1] :])[0]
+    assert reply["content"] == expected
+
+
+def test_text_generation_pipeline_passes_decoding_settings_through():
+    pipe = pipeline("text-generation", model=str(BUNDLED_CHECKPOINT), dtype=torch.float32)
+    calls = []
+    original = pipe.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    pipe.model.generate = spy
+    result = pipe([{"role": "user", "content": "Hello"}], max_new_tokens=5, steps=2)
+    assert result[0]["generated_text"][-1]["role"] == "assistant"
+    assert calls[0]["steps"] == 2 and calls[0]["max_new_tokens"] == 5
