@@ -6,13 +6,14 @@ works for pip users without `trust_remote_code`; the same files also ship as the
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
 )
+# The top-level name is a placeholder on some 5.x releases when torchvision is missing; the module has the class.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .configuration_dimple import DimpleConfig, DimpleVisionConfig
 from .generation_utils import DimpleGenerationConfig, DimpleGenerationOutput

@@ -227,3 +227,26 @@ def test_model_config_generation_file_carries_only_token_ids(model, tmp_path):
     assert isinstance(config, DimpleGenerationConfig)
     assert (config.alg_p_threshold, config.use_cache, config.alg) == (0.95, True, "maskgit_plus")
     assert config.pad_token_id == model.config.pad_token_id
+
+
+def test_mask_and_vision_tokens_are_never_committed(model, processor):
+    inputs = encode(processor, [("Hello.", [])])
+    config = model.config
+    banned = [config.mask_token_id, config.image_token_id, config.video_token_id, config.vision_start_token_id,
+              config.vision_end_token_id, config.vision_token_id]
+
+    def favour_banned(step, x, logits):
+        logits = logits.clone()
+        logits[..., banned] = logits.max() + 100.0
+        return logits
+
+    out = model.generate(**inputs, max_new_tokens=8, generation_logits_hook_func=favour_banned)
+    assert not torch.isin(out[0, -8:], torch.tensor(banned)).any()
+
+
+def test_decoded_answers_stop_at_the_first_end_of_text(processor):
+    tokenizer = processor.tokenizer
+    end = tokenizer.pad_token_id
+    hello, bye = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("Hello", " bye"))
+    rows = torch.tensor([[end, end] + hello + [end] + bye, hello + bye + [end, end, end]])
+    assert processor.post_process_image_text_to_text(rows) == ["Hello", "Hello bye"]

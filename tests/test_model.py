@@ -125,6 +125,11 @@ def test_video_inputs_are_refused_clearly(tiny_a):
         tiny_a(**inputs, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
 
 
+def test_sdpa_is_the_default_backend(tiny_a):
+    assert tiny_a.config._attn_implementation == "sdpa"
+    assert tiny_a.config.vision_config._attn_implementation == "sdpa"
+
+
 def test_unknown_attention_implementation_is_refused():
     with pytest.raises(ValueError, match="foo"):
         DimpleModel.from_pretrained(TINY_A.model_dir, attn_implementation="foo")

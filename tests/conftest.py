@@ -1,0 +1,189 @@
+"""Shared pytest fixtures. Each group is used by the test modules named in its header."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dimple.processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
+from dimple.tiny import SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, tiny_vocab_and_merges
+from dimple.tokenization_dimple import DimpleTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processor / tokenizer / image fixtures (tests/test_processor.py)
+# ---------------------------------------------------------------------------------------------------------
+
+# Remote-code files a processor folder needs (the processor, image processor and tokenizer modules).
+PROCESSOR_CODE_FILES = ("processing_dimple.py", "image_processing_dimple.py", "tokenization_dimple.py")
+
+
+@pytest.fixture
+def tiny_tokenizer() -> DimpleTokenizer:
+    """A fresh tiny tokenizer (tests may change its padding side)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_processor() -> DimpleProcessor:
+    """A fresh tiny processor: min_pixels 56*56, max_pixels 28*28*64."""
+    return build_tiny_processor()
+
+
+def _pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB image with smooth gradients plus noise, so resizing and JPEG both change pixels."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([xs * 255 / max(width - 1, 1), ys * 255 / max(height - 1, 1), (xs + ys) % 256], axis=-1)
+    noisy = base + rng.normal(0.0, 20.0, size=base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="RGB")
+
+
+@pytest.fixture
+def make_image() -> Callable[..., Image.Image]:
+    """Factory ``make_image(width, height, seed=0)`` for deterministic patterned RGB PIL images."""
+    return _pattern_image
+
+
+@pytest.fixture
+def write_image(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``write_image(name, width, height, seed=0)``: saves a patterned image as a real file.
+
+    The format follows the suffix of ``name`` (``.png`` or ``.jpg``).
+    """
+
+    def write(name: str, width: int, height: int, seed: int = 0) -> Path:
+        path = tmp_path / "images" / name
+        path.parent.mkdir(exist_ok=True)
+        _pattern_image(width, height, seed).save(path)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def released_layout_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``released_layout_dir(min_pixels, max_pixels)`` for a folder laid out like the released repo.
+
+    transformers 4.46 layout: ``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json`` (slow tokenizer,
+    ``added_tokens_decoder``, ``padding_side="right"`` as training saved it), a ``preprocessor_config.json``
+    with ``min_pixels``/``max_pixels``, a legacy ``chat_template.json`` and our ``.py`` files copied in. The
+    vocabulary is the tiny one, so a correct load reproduces ``build_tiny_processor`` exactly.
+    """
+
+    def write(min_pixels: int, max_pixels: int) -> Path:
+        folder = tmp_path / "released"
+        folder.mkdir()
+        vocab, merges = tiny_vocab_and_merges()
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merges_text = "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges)
+        (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+        added = {
+            str(len(vocab) + offset): {
+                "content": token,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for offset, token in enumerate(SPECIAL_TOKENS)
+        }
+        tokenizer_config = {
+            "add_prefix_space": False,
+            "added_tokens_decoder": added,
+            "additional_special_tokens": list(SPECIAL_TOKENS[3:8]),
+            "auto_map": {
+                "AutoProcessor": "processing_dimple.DimpleProcessor",
+                "AutoTokenizer": ["tokenization_dimple.DimpleTokenizer", None],
+            },
+            "bos_token": "<|im_start|>",
+            "chat_template": DEFAULT_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>",
+            "errors": "replace",
+            "mask_token": "<|mask|>",
+            "model_max_length": 32768,
+            "pad_token": "<|endoftext|>",
+            "padding_side": "right",
+            "processor_class": "DimpleProcessor",
+            "split_special_tokens": False,
+            "tokenizer_class": "DimpleTokenizer",
+            "unk_token": "<|endoftext|>",
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+        preprocessor_config = {
+            "auto_map": {
+                "AutoImageProcessor": "image_processing_dimple.DimpleImageProcessor",
+                "AutoProcessor": "processing_dimple.DimpleProcessor",
+            },
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_processor_type": "DimpleImageProcessor",
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "max_pixels": max_pixels,
+            "merge_size": 2,
+            "min_pixels": min_pixels,
+            "patch_size": 14,
+            "processor_class": "DimpleProcessor",
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"max_pixels": max_pixels, "min_pixels": min_pixels},
+            "temporal_patch_size": 2,
+        }
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2), encoding="utf-8")
+        chat_template = json.dumps({"chat_template": DEFAULT_CHAT_TEMPLATE})
+        (folder / "chat_template.json").write_text(chat_template, encoding="utf-8")
+        for name in PROCESSOR_CODE_FILES:
+            shutil.copy(REPO_ROOT / name, folder / name)
+        return folder
+
+    return write
+
+
+@pytest.fixture
+def fresh_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Factory ``fresh_python(script, *args)``: run ``script`` in a new interpreter, isolated from this repo.
+
+    Offline (``HF_HUB_OFFLINE=1``), with a private ``HF_MODULES_CACHE``, a working directory outside the repo
+    and no ``PYTHONPATH``, so remote-code classes can only come from ``transformers_modules``. Raises with
+    the child's stderr if it fails.
+    """
+    workdir = tmp_path / "fresh"
+    workdir.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+    )
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        script_path = workdir / "script.py"
+        script_path.write_text(script, encoding="utf-8")
+        result = subprocess.run(
+            [sys.executable, str(script_path), *args],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        return result
+
+    return run
