@@ -22,10 +22,7 @@ import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-from transformers.utils import ModelOutput, logging
-
-
-logger = logging.get_logger(__name__)
+from transformers.utils import ModelOutput
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 PIPELINES = ("dim", "dream")
