@@ -250,3 +250,16 @@ def test_decoded_answers_stop_at_the_first_end_of_text(processor):
     hello, bye = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("Hello", " bye"))
     rows = torch.tensor([[end, end] + hello + [end] + bye, hello + bye + [end, end, end]])
     assert processor.post_process_image_text_to_text(rows) == ["Hello", "Hello bye"]
+
+
+def test_text_template_with_mask_slots_gives_a_json_skeleton(model, processor):
+    inputs = encode(processor, [("Describe the car as JSON.", [])])
+    text = '{"colour": "<|mask|><|mask|>", "count": <|mask|>}<|endoftext|><|endoftext|>'
+    template = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert int((template == processor.tokenizer.mask_token_id).sum()) == 3
+    out = model.generate(**inputs, response_template=template)
+    answer = out[0, inputs["input_ids"].shape[1] :]
+    fixed = template != processor.tokenizer.mask_token_id
+    assert torch.equal(answer[fixed], template[fixed])
+    decoded = processor.post_process_image_text_to_text(answer[None])[0]
+    assert decoded.startswith('{"colour": "') and '", "count": ' in decoded and decoded.endswith("}")
