@@ -82,9 +82,9 @@ def generate(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        print(generate(args))
+        sys.stdout.write(generate(args) + "\n")
     except (ValueError, TypeError) as error:
-        print(f"dimple: error: {error}", file=sys.stderr)
+        sys.stderr.write(f"dimple: error: {error}\n")
         return 2
     return 0
 

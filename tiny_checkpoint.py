@@ -3,6 +3,7 @@ thousand random parameters, the tiny tokenizer and processor. Built deterministi
 to `tiny_checkpoint/` by `python -m dimple.tiny_checkpoint`; the CLI and README run it offline.
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -56,4 +57,4 @@ def save_tiny_checkpoint(folder: Path = BUNDLED_CHECKPOINT) -> Path:
 
 
 if __name__ == "__main__":
-    print(save_tiny_checkpoint())
+    sys.stdout.write(f"{save_tiny_checkpoint()}\n")
