@@ -27,6 +27,9 @@ from transformers.utils import ModelOutput
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 PIPELINES = ("dim", "dream")
 TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
+VISION_TOKEN_KEYS = (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id"
+)
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -276,7 +279,8 @@ def select_leftmost(masked: torch.Tensor) -> torch.Tensor:
 def rank_below(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Boolean grid: True where a position is among the `counts[row]` highest scores of its row."""
     order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
     return ranks < counts[:, None]
 
 
@@ -329,7 +333,7 @@ def dream_commit(
         return select_leftmost(masked)
     if config.alg == "origin":
         t, s = timesteps[step], timesteps[step + 1]
-        probability = 1.0 if step == steps - 1 else float(1 - s / t)
+        probability = 1.0 if step == steps - 1 else 1 - s / t
         return (torch.rand(masked.shape, device=masked.device) < probability) & masked
     counts = linear_schedule(masked.sum(dim=1), step, timesteps)
     return select_most_confident(confidence, masked, counts, config.alg_temp)
@@ -370,7 +374,9 @@ class DimpleGenerationMixin(GenerationMixin):
             if getattr(config, key) is None:
                 setattr(config, key, getattr(self.config, key))
         if config.output_history and not config.return_dict_in_generate:
-            raise ValueError("output_history=True needs return_dict_in_generate=True (the history lives in the output).")
+            raise ValueError(
+                "output_history=True needs return_dict_in_generate=True (the history lives in the output)."
+            )
         return config, model_inputs
 
     @torch.no_grad()
@@ -448,10 +454,7 @@ class DimpleGenerationMixin(GenerationMixin):
 
         mask_id = config.mask_token_id
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
-        banned_ids = [mask_id] + [
-            getattr(self.config, name)
-            for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id")
-        ]
+        banned_ids = [mask_id] + [getattr(self.config, name) for name in VISION_TOKEN_KEYS]
         banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
         timesteps = torch.linspace(1, config.eps, steps + 1, device=sequences.device)
         masks_initial = (sequences[:, prompt_len:] == mask_id).sum(dim=1)
@@ -497,7 +500,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
             )
             confidence = token_confidence(config.alg, original if use_original else filtered, tokens)
-            confidence = torch.full(masked.shape, float("-inf"), device=masked.device).masked_scatter(masked, confidence)
+            unmasked = torch.full(masked.shape, float("-inf"), device=masked.device)
+            confidence = unmasked.masked_scatter(masked, confidence)
             proposal = canvas.masked_scatter(masked, tokens)
             if config.decoding_pipeline == "dim":
                 commit = dim_commit(config, step, steps, confidence, masked, masks_initial, timesteps)
@@ -506,7 +510,8 @@ class DimpleGenerationMixin(GenerationMixin):
             new_canvas = torch.where(commit, proposal, canvas)
             if tokens_hook is not None:
                 updated = torch.cat([x[:, :-answer_len], new_canvas], dim=1)
-                new_canvas = checked_hook_tokens(tokens_hook(step, updated, logits), updated, answer_len)[:, -answer_len:]
+                updated = checked_hook_tokens(tokens_hook(step, updated, logits), updated, answer_len)
+                new_canvas = updated[:, -answer_len:]
             sequences[:, prompt_len:] = new_canvas
             if config.output_history:
                 history.append(sequences.clone())

@@ -157,7 +157,9 @@ class DimpleTextModel(DimplePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            position_ids = text_position_ids(inputs_embeds.shape[:2], attention_mask, past_key_values)
+            position_ids = text_position_ids(
+                inputs_embeds.shape[:2], attention_mask, past_key_values, inputs_embeds.device
+            )
         if position_ids.ndim == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
 
@@ -182,12 +184,11 @@ class DimpleTextModel(DimplePreTrainedModel):
 
 
 def text_position_ids(
-    shape: torch.Size, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+    shape: torch.Size, attention_mask: torch.Tensor | None, past_key_values: Cache | None, device: torch.device
 ) -> torch.LongTensor:
     """1-D positions counting real tokens only (left padding does not shift them), after any cached prefix."""
     batch_size, seq_len = shape
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    device = attention_mask.device if attention_mask is not None else None
     if attention_mask is None or attention_mask.ndim != 2:
         return torch.arange(past, past + seq_len, device=device)[None].expand(batch_size, -1)
     positions = attention_mask.long().cumsum(-1) - 1
@@ -272,7 +273,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if image_grid_thw is None:
-            positions = text_position_ids(input_ids.shape, attention_mask, None)
+            positions = text_position_ids(input_ids.shape, attention_mask, None, input_ids.device)
             deltas = positions.max(dim=-1, keepdim=True).values + 1 - seq_len
             return positions[None].expand(3, -1, -1), deltas
 
@@ -401,7 +402,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
                     "With `inputs_embeds` and images, pass `position_ids` (from `model.get_rope_index`): image "
                     "positions cannot be recovered from embeddings."
                 )
-            return text_position_ids(inputs_embeds.shape[:2], attention_mask, None), rope_deltas
+            return text_position_ids(inputs_embeds.shape[:2], attention_mask, None, inputs_embeds.device), rope_deltas
         return self.get_rope_index(input_ids, image_grid_thw, attention_mask)
 
 
