@@ -1,5 +1,6 @@
 """The `dimple` command and the bundled tiny checkpoint."""
 
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,52 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
         (["--image", str(tmp_path / "missing.png")], "image file not found"),
         (["--image", str(tmp_path / "broken.png")], "cannot read image"),
         (["--model", str(tmp_path / "no-such-model")], "model not found"),
+        (["--template", "no slots here"], "the template has no <|mask|> slot"),
+        (["--gif", str(tmp_path / "no-such-folder" / "steps.gif")], "the folder for --gif"),
     ):
         result = run_cli("generate", "--prompt", "hi", *args, cwd=tmp_path)
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
+def test_generate_draws_every_denoising_step(tmp_path):
+    from PIL import Image
+
+    for name, colour in (("red.png", (200, 30, 30)), ("blue.jpg", (20, 40, 210))):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / name)
+    result = run_cli(
+        "generate", "--image", "red.png", "--image", "blue.jpg", "--prompt", "Compare the pictures.",
+        "--max-new-tokens", "10", "--threshold", "0", "--gif", "steps.gif", "--html", "steps.html", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer, stats = result.stdout.strip().rsplit("\n", 1)
+    passes = int(re.search(r"forward passes: (\d+)", stats).group(1))
+    assert passes > 1  # no threshold: the schedule spreads the 10 tokens over several steps
+    assert "denoising" in result.stderr and f"{passes}/{passes}" in result.stderr
+    with Image.open(tmp_path / "steps.gif") as gif:
+        assert gif.n_frames == passes
+        gif.seek(passes - 1)
+        gif.convert("RGB").load()
+    page = (tmp_path / "steps.html").read_text()
+    assert all(f'data-step="{step}"' in page for step in range(1, passes + 1))
+    assert f'data-step="{passes + 1}"' not in page
+
+
+def test_generate_with_a_template_keeps_its_fixed_text(tmp_path):
+    result = run_cli("generate", "--prompt", "Colour?", "--template", '{"colour": "<|mask|><|mask|><|mask|>"}',
+                     "--quiet", "--no-cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = result.stdout.splitlines()[0]
+    assert answer.startswith('{"colour": "') and answer.endswith('"}')
+    assert "denoising" not in result.stderr
+
+
+def test_generate_loads_a_model_folder(tmp_path):
+    from dimple.remote_code import install_code
+
+    install_code(BUNDLED_CHECKPOINT, out=tmp_path / "model")
+    result = run_cli("generate", "--model", str(tmp_path / "model"), "--prompt", "Hello", "--max-new-tokens", "4",
+                     "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "forward passes:" in result.stdout

@@ -37,3 +37,59 @@ def test_text_generation_pipeline_passes_decoding_settings_through():
     result = pipe([{"role": "user", "content": "Hello"}], max_new_tokens=5, steps=2)
     assert result[0]["generated_text"][-1]["role"] == "assistant"
     assert calls[0]["steps"] == 2 and calls[0]["max_new_tokens"] == 5
+
+
+def test_pipelines_in_a_fresh_process_through_remote_code(tmp_path):
+    """A Hub user's view: no `dimple` package, only the folder's remote code (written by `install-code`)."""
+    import textwrap
+
+    from isolated import run_without_dimple
+
+    from dimple.remote_code import install_code
+
+    folder = tmp_path / "checkpoint"
+    install_code(BUNDLED_CHECKPOINT, out=folder)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from PIL import Image
+        from transformers import pipeline
+
+        calls = []
+        def spy_on(pipe):
+            original = pipe.model.generate
+            def spy(*args, **kwargs):
+                calls.append(kwargs)
+                return original(*args, **kwargs)
+            pipe.model.generate = spy
+
+        pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+        assert type(pipe.model).__module__.startswith("transformers_modules."), type(pipe.model).__module__
+        spy_on(pipe)
+        image = Image.new("RGB", (64, 48), (30, 160, 40))
+        messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
+                                                 {{"type": "text", "text": "What colour?"}}]}}]
+        reply = pipe(text=messages, generate_kwargs={{"max_new_tokens": 6, "steps": 3}})[0]["generated_text"][-1]
+        assert reply["role"] == "assistant"
+        assert calls[-1]["max_new_tokens"] == 6 and calls[-1]["steps"] == 3
+        inputs = pipe.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        direct = pipe.model.generate(**inputs, max_new_tokens=6, steps=3)
+        expected = pipe.processor.post_process_image_text_to_text(direct[:, inputs["input_ids"].shape[1]:])[0]
+        assert reply["content"] == expected, (reply, expected)
+
+        text_pipe = pipeline("text-generation", model={str(folder)!r}, trust_remote_code=True)
+        spy_on(text_pipe)
+        result = text_pipe([{{"role": "user", "content": "Hello"}}], max_new_tokens=5, alg_p_threshold=0.5)
+        assert result[0]["generated_text"][-1]["role"] == "assistant"
+        assert calls[-1]["max_new_tokens"] == 5 and calls[-1]["alg_p_threshold"] == 0.5
+        assert "dimple" not in sys.modules
+        print("pipelines ok")
+        """
+    )
+    workdir = tmp_path / "fresh"
+    workdir.mkdir()
+    result = run_without_dimple(script, workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().endswith("pipelines ok")

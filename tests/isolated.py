@@ -1,0 +1,36 @@
+"""Run Python in a fresh interpreter where the `dimple` package cannot be imported.
+
+The package is editable-installed, so neither `-I` nor a foreign working directory hides it; a meta-path finder
+installed before the script runs refuses `dimple`, so remote-code classes can only come from the checkpoint
+folder (`transformers_modules`), as for a Hub user without the package.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HIDE_DIMPLE = '''
+import importlib.abc, sys
+class _HideDimple(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "dimple" or name.startswith("dimple."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+        return None
+sys.meta_path.insert(0, _HideDimple())
+'''
+
+
+def run_without_dimple(script: str, workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` offline with a private module cache in `workdir`; returns the finished process."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(workdir / "hf_modules"),
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, "-c", HIDE_DIMPLE + script], cwd=workdir, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
