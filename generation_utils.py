@@ -15,17 +15,21 @@ arithmetic (float32 schedule, strict `>` threshold, argmax and confidence defini
 """
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers import GenerationConfig, GenerationMixin
+from transformers import CompileConfig, GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 PIPELINES = ("dim", "dream")
+# One step is one forward pass; more than this is a typo (or a unit mix-up), never a decoding plan.
+MAX_STEPS = 10_000
 TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 VISION_TOKEN_KEYS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id"
@@ -51,7 +55,14 @@ class DimpleGenerationConfig(GenerationConfig):
         decoding_pipeline: `"dim"` (Dimple's: threshold + snapped schedule, stops when done) or `"dream"`
             (Dream's: exactly `steps` iterations, linear schedule).
         temperature, top_p, top_k: token sampling (temperature 0 = argmax).
-        use_cache: prefix caching of the prompt.
+        use_cache: cache keys/values between steps: the prompt's (reference mode) or, with `block_length`, every
+            position outside the active block (dual cache, refreshed once per block).
+        block_length: decode the answer block by block, left to right (Fast-dLLM style); confident decoding and
+            the schedule (`steps` shared evenly among blocks) act inside the active block. None (default) or a
+            length >= the answer is the reference's single-block decoding.
+        compile_forward: run every step's forward through `torch.compile` (`compile_config`, default mode
+            "default"); with the cache, all steps after the first have one static shape. The LM head then runs on
+            the whole window (a static shape) and the masked rows are picked afterwards.
         output_history / return_dict_in_generate / num_return_sequences: as in transformers.
     """
 
@@ -71,6 +82,10 @@ class DimpleGenerationConfig(GenerationConfig):
         self.top_p: float | None = kwargs.pop("top_p", None)
         self.top_k: int | None = kwargs.pop("top_k", None)
         self.use_cache: bool = kwargs.pop("use_cache", True)
+        self.block_length: int | None = kwargs.pop("block_length", None)
+        self.compile_forward: bool = kwargs.pop("compile_forward", False)
+        compile_config = kwargs.pop("compile_config", None)
+        self.compile_config = CompileConfig(**compile_config) if isinstance(compile_config, dict) else compile_config
         self.num_return_sequences: int = kwargs.pop("num_return_sequences", 1)
         self.return_dict_in_generate: bool = kwargs.pop("return_dict_in_generate", False)
         self.output_history: bool = kwargs.pop("output_history", False)
@@ -112,15 +127,27 @@ class DimpleGenerationConfig(GenerationConfig):
             )
         if self.decoding_pipeline == "dream" and self.alg == "origin-ratio":
             raise ValueError("alg='origin-ratio' exists only in the 'dim' pipeline; use alg='origin' with 'dream'.")
+        for name in ("temperature", "eps", "alg_temp", "top_p", "alg_p_threshold"):
+            value = getattr(self, name)
+            # NaN passes every range comparison below and would silently turn sampling into argmax.
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if self.alg_p_threshold is not None and not 0.0 <= self.alg_p_threshold <= 1.0:
             raise ValueError(
                 f"alg_p_threshold must lie in [0, 1] (a probability), got {self.alg_p_threshold}; "
                 "use None or 0 to disable confident decoding."
             )
-        for name in ("steps", "max_new_tokens", "num_return_sequences"):
+        for name in ("steps", "max_new_tokens", "num_return_sequences", "block_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            raise ValueError(
+                f"steps={self.steps} is more than any answer needs (each step is a forward pass; at most "
+                f"{MAX_STEPS}); use at most max_new_tokens steps, i.e. one token per step."
+            )
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must lie in (0, 1), got {self.eps}.")
         if self.temperature is None or self.temperature < 0:
@@ -131,6 +158,11 @@ class DimpleGenerationConfig(GenerationConfig):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if self.compile_config is not None and not isinstance(self.compile_config, CompileConfig):
+            raise ValueError(
+                f"compile_config must be a transformers.CompileConfig (or a dict of its fields), got "
+                f"{type(self.compile_config).__name__}."
+            )
         if self.alg_temp is not None and self.alg_temp < 0:
             raise ValueError(f"alg_temp must be >= 0 (None or 0 = take the most confident), got {self.alg_temp}.")
 
@@ -149,37 +181,63 @@ class DimpleGenerationOutput(ModelOutput):
     tokens_per_forward: torch.FloatTensor | None = None
 
 
-class DimplePrefixLayer(DynamicLayer):
-    """A cache layer that keeps the first `prefix_length` positions of its first update, then only reads them.
+class DimpleWindowLayer(DynamicLayer):
+    """Keys/values of every position of the sequence; a forward over a window rewrites only that window.
 
-    The first update (step 0, the full sequence) is stored whole; later updates overwrite the window part of that
-    buffer in place and return it, so the prefix is never recomputed, appended to or reallocated.
+    A full-length update (the first step, or a refresh) stores the states whole. A shorter update writes its
+    states in place at `window_start` and returns the full buffers, so attention sees every position in
+    sequence order while positions outside the window are neither recomputed nor reallocated. With the window
+    at the end this is the reference's prefix cache; with the window on one block of the answer it is the dual
+    (prefix + suffix) cache of block decoding.
     """
 
-    def __init__(self, prefix_length: int):
+    def __init__(self):
         super().__init__()
-        self.prefix_length = prefix_length
+        self.window_start = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized or self.keys.numel() == 0 or key_states.shape[-2] == self.keys.shape[-2]:
             self.keys, self.values = key_states, value_states
             return key_states, value_states
-        if self.prefix_length + key_states.shape[-2] != self.keys.shape[-2]:
+        window_end = self.window_start + key_states.shape[-2]
+        if window_end > self.keys.shape[-2]:
             raise ValueError(
-                f"A cached step must feed exactly the {self.keys.shape[-2] - self.prefix_length} positions after the "
-                f"prefix, got {key_states.shape[-2]}."
+                f"A cached step feeds positions {self.window_start}..{window_end - 1} but the cache holds "
+                f"{self.keys.shape[-2]}; run a full forward first or move the window."
             )
-        self.keys[..., self.prefix_length :, :] = key_states
-        self.values[..., self.prefix_length :, :] = value_states
+        self.keys[..., self.window_start : window_end, :] = key_states
+        self.values[..., self.window_start : window_end, :] = value_states
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.prefix_length if self.is_initialized else 0
+        """Positions before the window: where the tokens of a cached forward start."""
+        return self.window_start if self.is_initialized and self.keys.numel() else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Attention always spans the whole sequence, whatever part of it the forward feeds."""
+        if self.is_initialized and self.keys.numel():
+            return self.keys.shape[-2], 0
+        return query_length, 0
 
 
-def prefix_cache(num_layers: int, prefix_length: int) -> Cache:
-    return Cache(layers=[DimplePrefixLayer(prefix_length) for _ in range(num_layers)])
+class DimpleDiffusionCache(Cache):
+    """One `DimpleWindowLayer` per decoder layer, moved together by `set_window`."""
+
+    def __init__(self, num_layers: int, window_start: int = 0):
+        super().__init__(layers=[DimpleWindowLayer() for _ in range(num_layers)])
+        self.set_window(window_start)
+
+    def set_window(self, start: int) -> None:
+        """Where the tokens of the next cached forward sit in the sequence."""
+        for layer in self.layers:
+            layer.window_start = start
+
+
+def prefix_cache(num_layers: int, prefix_length: int) -> DimpleDiffusionCache:
+    """The reference's cache mode: after a full first step, forwards feed everything after `prefix_length`."""
+    return DimpleDiffusionCache(num_layers, prefix_length)
 
 
 # --- Unmasking policies: pure functions over flattened masked logits and (batch, answer) grids -------------
@@ -405,7 +463,7 @@ class DimpleGenerationMixin(GenerationMixin):
             `return_dict_in_generate=True`.
         """
         tokens_hook: Callable | None = kwargs.pop("generation_tokens_hook_func", None)
-        logits_hook: Callable | None = kwargs.pop("generation_logits_hook_func", None)
+        logits_hook: Callable | None = checked_logits_hook(kwargs.pop("generation_logits_hook_func", None))
         template = kwargs.pop("response_template", None)
         length_given_as_total = "max_length" in kwargs and "max_new_tokens" not in kwargs
         config, model_inputs = self.resolve_generation_config(generation_config, kwargs)
@@ -426,12 +484,8 @@ class DimpleGenerationMixin(GenerationMixin):
         answer_len = canvas.shape[1]
         steps = config.steps or answer_len
         total_len = prompt_len + answer_len
-        if total_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Prompt ({prompt_len}) + answer ({answer_len}) tokens exceed the model's "
-                f"max_position_embeddings ({self.config.max_position_embeddings}); shorten the prompt or the answer."
-            )
 
+        self.validate_image_inputs(input_ids, pixel_values, image_grid_thw)
         prompt_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             features = self.get_image_features(pixel_values, image_grid_thw)
@@ -440,85 +494,106 @@ class DimpleGenerationMixin(GenerationMixin):
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, answer_len)], dim=1)
         if tokens_hook is not None:
             sequences = checked_hook_tokens(tokens_hook(None, sequences, None), sequences, answer_len)
-        position_ids, rope_deltas = self.get_rope_index(sequences, image_grid_thw, full_mask)
+        position_ids, _ = self.get_rope_index(sequences, image_grid_thw, full_mask)
 
         repeats = config.num_return_sequences
         if repeats > 1:
-            sequences, full_mask, prompt_embeds, rope_deltas = (
-                t.repeat_interleave(repeats, dim=0) for t in (sequences, full_mask, prompt_embeds, rope_deltas)
+            sequences, full_mask, prompt_embeds = (
+                t.repeat_interleave(repeats, dim=0) for t in (sequences, full_mask, prompt_embeds)
             )
             position_ids = position_ids.repeat_interleave(repeats, dim=1)
         batch_size = sequences.shape[0]
-        window_positions = (torch.arange(prompt_len - 1, total_len, device=sequences.device) + rope_deltas)
-        window_positions = window_positions[None].expand(3, -1, -1)
+        # Without padding no mask is passed at all, so SDPA is free to pick its flash kernel.
+        attention = None if bool(full_mask.all()) else full_mask
 
+        block_len = min(config.block_length or answer_len, answer_len)
+        num_blocks = -(-answer_len // block_len)
+        if num_blocks > 1 and (tokens_hook is not None or logits_hook is not None):
+            raise ValueError(
+                "generation_tokens_hook_func / generation_logits_hook_func follow the reference's single-block "
+                "decoding; unset block_length (or make it >= max_new_tokens) to use them."
+            )
+        block_steps = steps if num_blocks == 1 else -(-steps // num_blocks)
         mask_id = config.mask_token_id
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
         banned_ids = [mask_id] + [getattr(self.config, name) for name in VISION_TOKEN_KEYS]
         banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
-        timesteps = torch.linspace(1, config.eps, steps + 1, device=sequences.device)
-        masks_initial = (sequences[:, prompt_len:] == mask_id).sum(dim=1)
-        cache = prefix_cache(self.config.num_hidden_layers, prompt_len - 1) if config.use_cache else None
+        timesteps = torch.linspace(1, config.eps, block_steps + 1, device=sequences.device)
+        masks_at_start = (sequences[:, prompt_len:] == mask_id).sum(dim=1)
+        cache = DimpleDiffusionCache(self.config.num_hidden_layers) if config.use_cache else None
         use_original = config.use_original_confidence and config.decoding_pipeline == "dim"
         want_full_logits = tokens_hook is not None or logits_hook is not None
         no_prefix = torch.zeros(batch_size, prompt_len - 1, dtype=torch.bool, device=sequences.device)
         no_tail = torch.zeros(batch_size, 1, dtype=torch.bool, device=sequences.device)
+        answer_index = torch.arange(answer_len, device=sequences.device)
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
+        step_forward = self.compiled_forward(config.compile_config) if config.compile_forward else self
+        gather_after = config.compile_forward and not want_full_logits
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
         history, forward_passes = [], 0
-        for step in range(steps):
-            canvas = sequences[:, prompt_len:]
-            masked = canvas == mask_id
-            if cache is not None and step > 0:
-                x = sequences[:, prompt_len - 1 :]
-                embeds, positions = self.get_input_embeddings()(x), window_positions
-                keep = torch.cat([masked, no_tail], dim=1)
-            else:
-                x = sequences
-                embeds = torch.cat([prompt_embeds, self.get_input_embeddings()(canvas)], dim=1)
-                positions = position_ids
-                keep = torch.cat([no_prefix, masked, no_tail], dim=1)
-            logits = self(
-                inputs_embeds=embeds,
-                attention_mask=full_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                logits_to_keep=0 if want_full_logits else keep,
-            ).logits
-            forward_passes += 1
-            if want_full_logits:
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-                if logits_hook is not None:
-                    logits = logits_hook(step, x, logits)
-                masked_logits = logits[:, -answer_len:][masked]
-            else:
-                masked_logits = logits
+        for block_start in range(0, answer_len, block_len):
+            in_block = (answer_index >= block_start) & (answer_index < block_start + block_len)
+            masks_initial = ((sequences[:, prompt_len:] == mask_id) & in_block).sum(dim=1)
+            if num_blocks > 1 and not bool(masks_initial.any()):
+                continue
+            for step in range(block_steps):
+                canvas = sequences[:, prompt_len:]
+                masked = (canvas == mask_id) & in_block
+                if cache is None or step == 0:
+                    start, end = 0, total_len
+                else:
+                    # Logits at position i predict token i + 1: the window starts one before the block.
+                    start, end = prompt_len + block_start - 1, min(prompt_len + block_start + block_len, total_len)
+                    cache.set_window(start)
+                x = sequences[:, start:end]
+                embeds = torch.cat(
+                    [prompt_embeds[:, start:], self.get_input_embeddings()(sequences[:, max(start, prompt_len) : end])],
+                    dim=1,
+                )
+                keep = torch.cat([no_prefix, masked, no_tail], dim=1)[:, start:end]
+                logits = step_forward(
+                    inputs_embeds=embeds,
+                    attention_mask=attention,
+                    position_ids=position_ids[..., start:end],
+                    past_key_values=cache,
+                    logits_to_keep=0 if want_full_logits or gather_after else keep,
+                ).logits
+                if gather_after:
+                    logits = logits[keep]
+                forward_passes += 1
+                if want_full_logits:
+                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+                    if logits_hook is not None:
+                        logits = logits_hook(step, x, logits)
+                    masked_logits = logits[:, -answer_len:][masked]
+                else:
+                    masked_logits = logits
 
-            tokens, original, filtered = propose_tokens(
-                masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
-            )
-            confidence = token_confidence(config.alg, original if use_original else filtered, tokens)
-            unmasked = torch.full(masked.shape, float("-inf"), device=masked.device)
-            confidence = unmasked.masked_scatter(masked, confidence)
-            proposal = canvas.masked_scatter(masked, tokens)
-            if config.decoding_pipeline == "dim":
-                commit = dim_commit(config, step, steps, confidence, masked, masks_initial, timesteps)
-            else:
-                commit = dream_commit(config, step, steps, confidence, masked, timesteps)
-            new_canvas = torch.where(commit, proposal, canvas)
-            if tokens_hook is not None:
-                updated = torch.cat([x[:, :-answer_len], new_canvas], dim=1)
-                updated = checked_hook_tokens(tokens_hook(step, updated, logits), updated, answer_len)
-                new_canvas = updated[:, -answer_len:]
-            sequences[:, prompt_len:] = new_canvas
-            if config.output_history:
-                history.append(sequences.clone())
-            if draft_streamer is not None:
-                draft_streamer.put_draft(new_canvas.cpu())
-            if config.decoding_pipeline == "dim" and not bool((new_canvas == mask_id).any()):
-                break
+                tokens, original, filtered = propose_tokens(
+                    masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
+                )
+                confidence = token_confidence(config.alg, original if use_original else filtered, tokens)
+                unmasked = torch.full(masked.shape, float("-inf"), device=masked.device)
+                confidence = unmasked.masked_scatter(masked, confidence)
+                proposal = canvas.masked_scatter(masked, tokens)
+                if config.decoding_pipeline == "dim":
+                    commit = dim_commit(config, step, block_steps, confidence, masked, masks_initial, timesteps)
+                else:
+                    commit = dream_commit(config, step, block_steps, confidence, masked, timesteps)
+                new_canvas = torch.where(commit, proposal, canvas)
+                if tokens_hook is not None:
+                    updated = torch.cat([x[:, :-answer_len], new_canvas], dim=1)
+                    updated = checked_hook_tokens(tokens_hook(step, updated, logits), updated, answer_len)
+                    new_canvas = updated[:, -answer_len:]
+                sequences[:, prompt_len:] = new_canvas
+                if config.output_history:
+                    history.append(sequences.clone())
+                if draft_streamer is not None:
+                    draft_streamer.put_draft(new_canvas.cpu())
+                if config.decoding_pipeline == "dim" and not bool(((new_canvas == mask_id) & in_block).any()):
+                    break
 
         if streamer is not None:
             answers = sequences[:, prompt_len:]
@@ -528,7 +603,7 @@ class DimpleGenerationMixin(GenerationMixin):
             streamer.end()
         if not config.return_dict_in_generate:
             return sequences
-        committed = masks_initial - (sequences[:, prompt_len:] == mask_id).sum(dim=1)
+        committed = masks_at_start - (sequences[:, prompt_len:] == mask_id).sum(dim=1)
         return DimpleGenerationOutput(
             sequences=sequences,
             history=tuple(history) if config.output_history else None,
@@ -536,26 +611,69 @@ class DimpleGenerationMixin(GenerationMixin):
             tokens_per_forward=committed.float() / forward_passes,
         )
 
+    def compiled_forward(self, compile_config: CompileConfig | None) -> Callable:
+        """The model (hooks included) through `torch.compile`, built once per compile settings and then reused."""
+        options = (compile_config or CompileConfig(mode="default")).to_dict()
+        key = repr(sorted(options.items(), key=lambda item: item[0]))
+        compiled = self.__dict__.setdefault("_compiled_forwards", {})
+        if key not in compiled:
+            compiled[key] = torch.compile(self, **options)
+        return compiled[key]
+
     def validate_prompt(
         self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, mask_token_id: int
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Check the prompt batch and move it to the model's device; generation needs left padding."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
-            raise ValueError("generate() needs `input_ids` as a LongTensor of shape (batch, prompt_len).")
+        """Check the prompt batch and move it to the model's device; generation needs left padding.
+
+        Integer ids of another width are cast to int64; float or bool ids are refused, since a cast could
+        silently change them. Without an attention mask, a pad token at either end of a row is refused: it would
+        be read as prompt text.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"generate() needs `input_ids` as a torch.LongTensor, got {type(input_ids).__name__}; call the "
+                "processor with return_tensors=\"pt\"."
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass the processor's "
+                "input_ids (torch.long)."
+            )
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"generate() needs `input_ids` of shape (batch, prompt_len), got {tuple(input_ids.shape)}; add a "
+                "batch dimension with input_ids[None]."
+            )
         if input_ids.shape[1] == 0:
             raise ValueError("The prompt is empty; diffusion decoding needs at least one prompt token.")
-        input_ids = input_ids.to(self.device)
+        input_ids = input_ids.to(self.device, torch.long)
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        pad_id = self.config.pad_token_id
         if attention_mask is None:
+            edges = input_ids[:, [0, -1]]
+            if pad_id is not None and input_ids.shape[1] > 1 and bool((edges == pad_id).any()):
+                raise ValueError(
+                    f"input_ids start or end with the pad token (id {pad_id}) but no attention_mask was given, so "
+                    "padding would be read as prompt text; pass the attention_mask the processor returned (or a "
+                    "mask of ones if those tokens are really part of the prompt)."
+                )
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
             )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token), as the processor returns it.")
         if not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "The batch is right-padded; diffusion decoding appends the answer after the last column, so prompts "
                 "must be left-padded (the processor pads on the left)."
+            )
+        if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            raise ValueError(
+                "attention_mask has padding between prompt tokens; only left padding is supported (zeros before the "
+                "first token of a row). Re-pad the batch with the processor."
             )
         if bool((input_ids == mask_token_id).any()):
             raise ValueError(
@@ -572,7 +690,11 @@ class DimpleGenerationMixin(GenerationMixin):
         prompt_len: int,
         length_given_as_total: bool,
     ) -> torch.LongTensor:
-        """The answer before decoding: all masks, or the structure-prior template."""
+        """The answer before decoding: all masks, or the structure-prior template.
+
+        The length is checked against the model's positions before anything is allocated, so an absurd
+        `max_new_tokens` fails fast instead of exhausting memory.
+        """
         if template is None:
             answer_len = config.max_new_tokens
             if length_given_as_total:
@@ -582,6 +704,7 @@ class DimpleGenerationMixin(GenerationMixin):
                         f"max_length ({config.max_length}) leaves no room after the {prompt_len}-token prompt; "
                         "set max_new_tokens instead."
                     )
+            check_total_length(prompt_len, answer_len, self.config.max_position_embeddings)
             return torch.full((batch_size, answer_len), config.mask_token_id, dtype=torch.long, device=self.device)
         template = torch.as_tensor(template, device=self.device)
         if template.dtype != torch.long or template.ndim not in (1, 2) or template.shape[-1] == 0:
@@ -589,7 +712,50 @@ class DimpleGenerationMixin(GenerationMixin):
         template = template.expand(batch_size, -1) if template.ndim == 1 else template
         if template.shape[0] != batch_size:
             raise ValueError(f"response_template has {template.shape[0]} rows for a batch of {batch_size}.")
+        check_total_length(prompt_len, template.shape[1], self.config.max_position_embeddings)
+        check_token_ids(template, self.config.vocab_size, "response_template")
+        vision_ids = [getattr(self.config, key) for key in VISION_TOKEN_KEYS]
+        if bool(torch.isin(template, torch.tensor([i for i in vision_ids if i is not None], device=self.device)).any()):
+            raise ValueError(
+                "response_template contains vision tokens (image/video placeholders); a template fixes text only. "
+                "Put images in the prompt."
+            )
         return template.clone()
+
+
+def check_total_length(prompt_len: int, answer_len: int, max_positions: int) -> None:
+    """Prompt and answer share the model's rotary positions."""
+    if prompt_len + answer_len > max_positions:
+        raise ValueError(
+            f"Prompt ({prompt_len}) + answer ({answer_len}) tokens exceed the model's max_position_embeddings "
+            f"({max_positions}); shorten the prompt or the answer."
+        )
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    """Out-of-vocabulary ids would fail deep in the embedding with a bare IndexError (or silently on some GPUs)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} holds ids outside the model's vocabulary [0, {vocab_size}) (min {int(ids.min())}, max "
+            f"{int(ids.max())}); encode the text with this checkpoint's own processor/tokenizer."
+        )
+
+
+def checked_logits_hook(hook: Callable | None) -> Callable | None:
+    """Wrap a logits hook so that a result of the wrong shape or type fails at once instead of shifting logits."""
+    if hook is None:
+        return None
+
+    def checked(step: int, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        result = hook(step, x, logits)
+        if not isinstance(result, torch.Tensor) or result.shape != logits.shape:
+            raise ValueError(
+                f"generation_logits_hook_func must return logits of shape {tuple(logits.shape)}, got "
+                f"{getattr(result, 'shape', type(result))}; return the (modified) logits it was given."
+            )
+        return result
+
+    return checked
 
 
 def checked_hook_tokens(result: torch.Tensor, before: torch.Tensor, answer_len: int) -> torch.Tensor:

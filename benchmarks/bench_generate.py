@@ -1,11 +1,14 @@
-"""Side-by-side timing of Dimple's decoding modes on a randomly initialised model (no download).
+"""Side-by-side timing of Dimple's decoding modes and an autoregressive peer on random weights (no download).
 
 Random weights make confidences meaningless, so the operating point is fixed explicitly: no threshold, and
 `steps = answer_len // tokens_per_step` so the schedule commits about `tokens_per_step` tokens per forward (the
-paper's ~L/3 iterations). Forward passes are reported so numbers transfer to a trained model. CPU numbers are
-for ratios only. Results are printed and appended to benchmarks/RESULTS.md.
+paper's ~L/3 iterations; in block mode the steps are shared evenly among blocks). Forward passes are reported so
+numbers transfer to a trained model. The autoregressive peer is transformers' own Qwen2.5-VL with the same decoder
+and vision dimensions, decoding the same number of tokens greedily with its KV cache. CPU numbers are for ratios
+only. Results are printed and appended to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_generate.py --size small --image-tokens 1024 --answer 64
+    python benchmarks/bench_generate.py --size small --answer 64 256 512
+    python benchmarks/bench_generate.py --size 7b --dtype bfloat16 --answer 64 256 --compile   # on a GPU
 """
 
 import argparse
@@ -13,9 +16,11 @@ import datetime
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
 
@@ -33,16 +38,31 @@ VISION = {
     "small": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1, 3]),
     "7b": {},
 }
+TOKEN_IDS = dict(image_token_id=2, video_token_id=3, vision_start_token_id=4, vision_end_token_id=5)
 
 
 def build(size: str, dtype: torch.dtype, device: str) -> DimpleModel:
-    ids = dict(pad_token_id=0, eos_token_id=0, mask_token_id=1, image_token_id=2, video_token_id=3,
-               vision_start_token_id=4, vision_end_token_id=5, vision_token_id=6)
     hidden = SIZES[size]["hidden_size"]
-    config = DimpleConfig(**SIZES[size], **ids, max_position_embeddings=32768,
+    config = DimpleConfig(**SIZES[size], **TOKEN_IDS, pad_token_id=0, eos_token_id=0, mask_token_id=1,
+                          vision_token_id=6, max_position_embeddings=32768,
                           vision_config={**VISION[size], "out_hidden_size": hidden})
     torch.manual_seed(0)
     return DimpleModel(config).to(device=device, dtype=dtype).eval()
+
+
+def build_autoregressive_peer(size: str, dtype: torch.dtype, device: str) -> Qwen2_5_VLForConditionalGeneration:
+    """transformers' Qwen2.5-VL with Dimple's decoder and vision dimensions: the causal model Dimple started from."""
+    text = {key: value for key, value in SIZES[size].items() if key not in ("mrope_section", "rope_theta")}
+    rope = {"rope_type": "default", "mrope_section": SIZES[size]["mrope_section"],
+            "rope_theta": SIZES[size].get("rope_theta", 10000.0)}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**text, max_position_embeddings=32768, rope_parameters=rope, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0),
+        vision_config={**VISION[size], "out_hidden_size": SIZES[size]["hidden_size"]},
+        **TOKEN_IDS,
+    )
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
 
 
 def prompt(model: DimpleModel, image_tokens: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
@@ -58,23 +78,52 @@ def prompt(model: DimpleModel, image_tokens: int, text_tokens: int, device: str)
                 pixel_values=torch.randn(4 * side * side, patch_dim, generator=generator).to(device, model.dtype))
 
 
-def timed(model, inputs, runs: int, **kwargs) -> tuple[float, float, int]:
-    """Median total seconds, seconds of the first forward, forward passes."""
-    first, totals, passes = [], [], 0
-    for _ in range(runs + 1):
-        stamps = []
-        handle = model.register_forward_hook(lambda *args: stamps.append(time.perf_counter()))
+class StepClock:
+    """A streamer that only notes when each step's tokens arrive (no hooks: they would force recompiles)."""
+
+    def __init__(self, diffusion: bool):
+        self.diffusion = diffusion
+        self.stamps: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.diffusion and self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def put_draft(self, canvas: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int) -> dict[str, float]:
+    """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory."""
+    results = []
+    for _ in range(repeats):
+        clock = StepClock(diffusion)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = model.generate(**inputs, return_dict_in_generate=True, **kwargs)
-        if inputs["input_ids"].is_cuda:
+        run(clock)
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         end = time.perf_counter()
-        handle.remove()
-        totals.append(end - start)
-        first.append(stamps[0] - start)
-        passes = out.num_forward_passes
-    totals, first = sorted(totals[1:]), sorted(first[1:])
-    return totals[len(totals) // 2], first[len(first) // 2], passes
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        results.append(dict(total=end - start, first=clock.stamps[0] - start, forwards=len(clock.stamps), peak=peak))
+    results.sort(key=lambda result: result["total"])
+    return results[len(results) // 2]
+
+
+def dimple_modes(answer: int, block: int, with_compile: bool) -> dict[str, dict]:
+    modes = {"no cache": dict(use_cache=False), "prefix cache": dict(use_cache=True),
+             f"dual cache, block {block}": dict(use_cache=True, block_length=block)}
+    if with_compile:
+        modes["prefix cache + compile"] = dict(use_cache=True, compile_forward=True)
+        modes[f"dual cache, block {block} + compile"] = dict(use_cache=True, block_length=block, compile_forward=True)
+    return modes
 
 
 def main() -> None:
@@ -82,31 +131,53 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--image-tokens", type=int, default=1024)
     parser.add_argument("--text-tokens", type=int, default=32)
-    parser.add_argument("--answer", type=int, nargs="+", default=[64])
+    parser.add_argument("--answer", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--tokens-per-step", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile modes (meant for a GPU)")
+    parser.add_argument("--no-peer", action="store_true", help="skip the autoregressive peer")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(args.size, getattr(torch, args.dtype), device)
+    dtype = getattr(torch, args.dtype)
+    model = build(args.size, dtype, device)
+    peer = None if args.no_peer else build_autoregressive_peer(args.size, dtype, device)
     inputs = prompt(model, args.image_tokens, args.text_tokens, device)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     rows = []
     for answer in args.answer:
-        settings = dict(max_new_tokens=answer, steps=max(1, answer // args.tokens_per_step), alg_p_threshold=None)
-        results = {name: timed(model, inputs, args.runs, use_cache=cache, **settings)
-                   for name, cache in (("no cache", False), ("prefix cache", True))}
-        base = results["no cache"][0]
-        for name, (total, first, passes) in results.items():
-            per_step = (total - first) / max(1, passes - 1)
-            rows.append(f"| {args.size} | {inputs['input_ids'].shape[1]} | {answer} | {name} | {passes} | "
-                        f"{first * 1e3:.1f} | {per_step * 1e3:.1f} | {total * 1e3:.1f} | {answer / total:.1f} | "
-                        f"{base / total:.2f}x |")
+        steps = max(1, answer // args.tokens_per_step)
+        results = {}
+        for name, mode in dimple_modes(answer, args.block, args.compile).items():
+            settings = dict(max_new_tokens=answer, steps=steps, alg_p_threshold=None, **mode)
+            warm_up = settings if mode.get("compile_forward") else {**settings, "max_new_tokens": 8, "steps": 2}
+            model.generate(**inputs, **warm_up)
+            results[name] = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs)
+        if peer is not None:
+            settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, pad_token_id=0)
+            peer.generate(**inputs, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})
+            results["AR peer (Qwen2.5-VL, KV cache)"] = timed(
+                lambda clock: peer.generate(**inputs, streamer=clock, **settings), False, args.runs
+            )
+        base = results["no cache"]["total"]
+        peer_total = results.get("AR peer (Qwen2.5-VL, KV cache)", {}).get("total")
+        for name, result in results.items():
+            per_step = (result["total"] - result["first"]) / max(1, result["forwards"] - 1)
+            peak = f"{result['peak']:.2f}" if result["peak"] is not None else "—"
+            versus_peer = f"{peer_total / result['total']:.2f}x" if peer_total else "—"
+            rows.append(f"| {args.size} | {inputs['input_ids'].shape[1]} | {answer} | {name} | {result['forwards']} | "
+                        f"{result['first'] * 1e3:.1f} | {per_step * 1e3:.1f} | {result['total'] * 1e3:.1f} | "
+                        f"{answer / result['total']:.1f} | {peak} | {base / result['total']:.2f}x | {versus_peer} |")
     header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, {args.dtype}, median of {args.runs} runs, "
-              f"~{args.tokens_per_step} tokens/step by schedule, no threshold\n\n"
+              f"{transformers.__version__}, {args.dtype}, median of {args.runs} run(s), "
+              f"~{args.tokens_per_step} tokens/step by schedule, no threshold, block {args.block}\n\n"
               "| size | prompt tokens | answer | mode | forwards | first step ms | per step ms | total ms | "
-              "answer tok/s | speed-up vs no cache |\n|---|---|---|---|---|---|---|---|---|---|\n")
+              "answer tok/s | peak GiB | speed-up vs no cache | speed vs AR peer |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
     print(table)
     with open(Path(__file__).with_name("RESULTS.md"), "a") as results_file:

@@ -35,6 +35,21 @@ def test_batch_one_run_is_token_exact(ref, case, run, model_for):
     assert torch.equal(out.sequences, ref.tensors[run["tensors"]["sequences"]])
 
 
+CACHED_RUNS = [(r, c, run) for r, c, run in SOLO_RUNS if run_kwargs(run).get("use_cache")]
+
+
+@pytest.mark.parametrize(
+    ("ref", "case", "run"), CACHED_RUNS, ids=[f"{r.name}-{c['id']}-{run['id']}" for r, c, run in CACHED_RUNS]
+)
+def test_one_block_covering_the_answer_is_the_reference_cache_mode(ref, case, run, model_for):
+    """Block decoding with dual cache degenerates to the reference's prefix cache when one block holds the answer."""
+    kwargs = run_kwargs(run)
+    answer_len = ref.tensors[run["tensors"]["sequences"]].shape[1] - ref.inputs(case)["input_ids"].shape[1]
+    for block_length in (answer_len, answer_len + 7):
+        out = model_for(ref).generate(**ref.inputs(case), **{**kwargs, "block_length": block_length})
+        assert torch.equal(torch.stack(out.history), ref.tensors[run["tensors"]["history"]])
+
+
 CACHED_STEP_RUNS = [(r, c, run) for r, c, run in SOLO_RUNS if "step1.logits" in run["tensors"]]
 
 

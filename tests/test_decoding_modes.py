@@ -1,0 +1,170 @@
+"""Decoding modes beyond the reference: LM head on masks only, block decoding and the window cache behind both
+cache modes."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dimple.generation_utils import DimpleDiffusionCache
+from dimple.tiny import build_tiny_processor
+from dimple.tiny_checkpoint import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return build_tiny_model(processor)
+
+
+def encode(processor, texts: list[str], with_image: bool = True):
+    content = [{"type": "image"}] if with_image else []
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": content + [{"type": "text", "text": text}]}], add_generation_prompt=True
+        )
+        for text in texts
+    ]
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (56, 84, 3), generator=generator, dtype=torch.uint8).numpy()
+    images = [Image.fromarray(pixels)] * len(texts) if with_image else None
+    return processor(text=prompts, images=images, padding="longest", return_tensors="pt")
+
+
+def record_input_lengths(model) -> tuple[list[int], object]:
+    lengths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    return lengths, handle
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_lm_head_on_masked_positions_only_changes_no_token(model, processor, use_cache):
+    """The default projects only masked rows; an identity logits hook forces the full LM head: same tokens."""
+    inputs = encode(processor, ["Hi.", "Describe the picture in detail."])
+    rows: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        settings = dict(max_new_tokens=10, alg_p_threshold=0.3, use_cache=use_cache, return_dict_in_generate=True,
+                        output_history=True)
+        masked_only = model.generate(**inputs, **settings)
+    finally:
+        handle.remove()
+    full = model.generate(**inputs, generation_logits_hook_func=lambda step, x, logits: logits, **settings)
+    assert torch.equal(masked_only.sequences, full.sequences)
+    assert torch.equal(torch.stack(masked_only.history), torch.stack(full.history))
+    prompt_len, mask_id = inputs["input_ids"].shape[1], model.config.mask_token_id
+    canvases = [torch.full((2, 10), mask_id)] + [h[:, prompt_len:] for h in masked_only.history[:-1]]
+    assert rows == [int((canvas == mask_id).sum()) for canvas in canvases]
+
+
+def test_a_window_in_the_middle_sees_the_whole_cached_sequence(model, processor):
+    """Feeding a window's own tokens again after a full pass reproduces the full pass's logits there."""
+    inputs = encode(processor, ["A short question?", "A much longer question about the picture?"])
+    mask_id = model.config.mask_token_id
+    ids = torch.cat([inputs["input_ids"], torch.full((2, 9), mask_id)], dim=1)
+    ids[:, -9:-5] = torch.tensor([17, 42, 99, 7])
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones(2, 9, dtype=torch.long)], dim=1)
+    position_ids, _ = model.get_rope_index(ids, inputs["image_grid_thw"], attention_mask)
+    cache = DimpleDiffusionCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        full = model(
+            input_ids=ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"], past_key_values=cache,
+        ).logits
+        start, end = ids.shape[1] - 8, ids.shape[1] - 3
+        cache.set_window(start)
+        window = model(
+            input_ids=ids[:, start:end], attention_mask=attention_mask, position_ids=position_ids[..., start:end],
+            past_key_values=cache,
+        ).logits
+    torch.testing.assert_close(window, full[:, start:end], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_blocks_are_decoded_left_to_right(model, processor, use_cache):
+    inputs = encode(processor, ["Describe it."])
+    prompt_len, answer_len, block = inputs["input_ids"].shape[1], 12, 4
+    lengths, handle = record_input_lengths(model)
+    try:
+        out = model.generate(
+            **inputs, max_new_tokens=answer_len, steps=6, block_length=block, alg_p_threshold=None,
+            use_cache=use_cache, output_history=True, return_dict_in_generate=True,
+        )
+    finally:
+        handle.remove()
+    mask_id = model.config.mask_token_id
+    before = torch.full((answer_len,), mask_id)
+    active_blocks = []
+    for snapshot in out.history:
+        answer = snapshot[0, prompt_len:]
+        changed = (answer != before).nonzero().flatten()
+        assert changed.numel() > 0
+        assert len({int(i) // block for i in changed}) == 1
+        active_blocks.append(int(changed[0]) // block)
+        before = answer
+    assert active_blocks == sorted(active_blocks) and set(active_blocks) == {0, 1, 2}
+    assert not (out.sequences == mask_id).any()
+    assert len(lengths) == out.num_forward_passes == len(out.history)
+    total = prompt_len + answer_len
+    if use_cache:
+        # one full pass (refresh) when a block starts, then the block and the position before it
+        block_starts = [i for i, b in enumerate(active_blocks) if i == 0 or b != active_blocks[i - 1]]
+        assert [i for i, n in enumerate(lengths) if n == total] == block_starts
+        assert {n for n in lengths if n != total} <= {block + 1}
+    else:
+        assert set(lengths) == {total}
+
+
+def test_one_step_per_block_needs_no_window_so_both_cache_modes_agree(model, processor):
+    inputs = encode(processor, ["What is shown?"])
+    settings = dict(max_new_tokens=12, steps=3, block_length=4, alg_p_threshold=None)
+    cached = model.generate(**inputs, use_cache=True, **settings)
+    uncached = model.generate(**inputs, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+
+
+def test_block_decoding_rows_equal_their_prompts_alone(model, processor):
+    texts = ["Hi.", "Tell me everything you can see in this picture."]
+    batch = encode(processor, texts)
+    settings = dict(max_new_tokens=10, block_length=4, alg_p_threshold=0.3)
+    together = model.generate(**batch, **settings)
+    for row, text in enumerate(texts):
+        alone = encode(processor, [text])
+        solo = model.generate(**alone, **settings)
+        assert torch.equal(together[row, batch["input_ids"].shape[1] :], solo[0, alone["input_ids"].shape[1] :])
+
+
+def test_blocks_without_masks_cost_no_forward_and_prior_tokens_stay(model, processor):
+    inputs = encode(processor, ["Fill in the blanks."], with_image=False)
+    mask_id = model.config.mask_token_id
+    template = torch.tensor([30, 31, 32, 33, mask_id, mask_id, 34, mask_id])
+    out = model.generate(
+        **inputs, response_template=template, block_length=4, steps=4, alg_p_threshold=None,
+        return_dict_in_generate=True,
+    )
+    answer = out.sequences[0, inputs["input_ids"].shape[1] :]
+    fixed = template != mask_id
+    assert torch.equal(answer[fixed], template[fixed])
+    assert not (answer == mask_id).any()
+    assert out.num_forward_passes <= 2
+
+
+def test_hooks_refuse_multi_block_decoding(model, processor):
+    inputs = encode(processor, ["Hi."], with_image=False)
+    with pytest.raises(ValueError, match="block_length"):
+        model.generate(
+            **inputs, max_new_tokens=8, block_length=4,
+            generation_tokens_hook_func=lambda step, x, logits: x,
+        )
+
+
+@pytest.mark.parametrize("block_length", [0, -4, 2.5, True])
+def test_block_length_must_be_a_positive_integer(model, processor, block_length):
+    inputs = encode(processor, ["Hi."], with_image=False)
+    with pytest.raises(ValueError, match="block_length"):
+        model.generate(**inputs, max_new_tokens=8, block_length=block_length)
