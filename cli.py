@@ -92,9 +92,11 @@ def load_model(name: str | None):
     try:
         model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load model {name}: {first_line}") from error
+        raise ValueError(
+            f"cannot load model {name}: {first_line} Pass a Dimple checkpoint folder or Hub id to --model."
+        ) from error
     return model, processor
 
 

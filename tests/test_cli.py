@@ -41,6 +41,7 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
         (["--image", str(tmp_path / "missing.png")], "image file not found"),
         (["--image", str(tmp_path / "broken.png")], "cannot read image"),
         (["--model", str(tmp_path / "no-such-model")], "model not found"),
+        (["--model", str(tmp_path)], "cannot load model"),
         (["--template", "no slots here"], "the template has no <|mask|> slot"),
         (["--gif", str(tmp_path / "no-such-folder" / "steps.gif")], "the folder for --gif"),
     ):
