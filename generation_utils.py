@@ -256,6 +256,9 @@ def propose_tokens(
     `banned` ids (mask, vision tokens) are never proposed, without altering either distribution.
     """
     original = logits.softmax(dim=-1)
+    if temperature == 0 and top_p in (None, 1) and top_k is None:
+        # Greedy without filters (the default): the filtered distribution is the original one.
+        return original.masked_fill(banned, 0.0).max(dim=-1).indices, original, original
     scores = logits / temperature if temperature > 0 else logits
     if top_p is not None and top_p < 1:
         scores = TopPLogitsWarper(top_p, filter_value=torch.finfo(scores.dtype).min)(None, scores)

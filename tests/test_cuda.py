@@ -1,0 +1,61 @@
+"""GPU checks: attention backends and compiled steps agree with SDPA on CUDA. Skipped without a GPU."""
+
+import pytest
+import torch
+from transformers import CompileConfig
+from transformers.utils import is_flash_attn_2_available
+
+from dimple.tiny import build_tiny_processor
+from dimple.tiny_checkpoint import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def padded_inputs(processor):
+    texts = ["Hi.", "Tell me what the picture shows, in detail please."]
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}],
+                                      add_generation_prompt=True)
+        for t in texts
+    ]
+    return processor(text=prompts, padding="longest", return_tensors="pt").to("cuda")
+
+
+def cuda_model(processor, attn_implementation: str, dtype: torch.dtype):
+    model = build_tiny_model(processor).to("cuda", dtype)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_float32_backends_give_the_same_tokens_on_cuda(processor, padded_inputs, attn_implementation):
+    reference = cuda_model(processor, "sdpa", torch.float32).generate(**padded_inputs, max_new_tokens=12)
+    model = cuda_model(processor, attn_implementation, torch.float32)
+    assert torch.equal(model.generate(**padded_inputs, max_new_tokens=12), reference)
+
+
+@pytest.mark.skipif(not is_flash_attn_2_available(), reason="flash-attn 2 is not installed")
+def test_flash_attention_2_matches_sdpa_on_a_padded_batch(processor, padded_inputs):
+    sdpa = cuda_model(processor, "sdpa", torch.bfloat16)
+    flash = cuda_model(processor, "flash_attention_2", torch.bfloat16)
+    real = padded_inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = sdpa(**padded_inputs).logits[real].float()
+        got = flash(**padded_inputs).logits[real].float()
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_steps_give_the_same_tokens_on_cuda(processor, padded_inputs, mode):
+    model = cuda_model(processor, "sdpa", torch.float32)
+    unpadded = {key: value[1:] for key, value in padded_inputs.items()}
+    eager = model.generate(**unpadded, max_new_tokens=16, alg_p_threshold=0.3)
+    settings = dict(max_new_tokens=16, alg_p_threshold=0.3, compile_forward=True, compile_config=CompileConfig(mode=mode))
+    model.generate(**unpadded, **settings)
+    assert torch.equal(model.generate(**unpadded, **settings), eager)
