@@ -73,7 +73,9 @@ def load_images(paths: list[str]) -> list[Image.Image]:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {path}: {error}; pass a PNG, JPEG or other Pillow-readable file") from error
+            raise ValueError(
+                f"cannot read image {path}: {error}; pass a PNG, JPEG or other Pillow-readable file"
+            ) from error
     return images
 
 
@@ -86,7 +88,8 @@ def load_model(name: str | None):
     from .tiny_checkpoint import BUNDLED_CHECKPOINT
 
     if name is None:
-        return DimpleModel.from_pretrained(BUNDLED_CHECKPOINT).eval(), DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT)
+        model = DimpleModel.from_pretrained(BUNDLED_CHECKPOINT).eval()
+        return model, DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT)
     if not Path(name).exists() and name.count("/") != 1:
         raise ValueError(f"model not found: {name} is neither a folder nor a Hub id (owner/name)")
     try:

@@ -48,7 +48,9 @@ def answer_steps(
         if ids.ndim == 2:
             ids = ids[row]
         if ids.ndim != 1:
-            raise ValueError(f"History entries must be (seq,) or (batch, seq) id tensors, got shape {tuple(ids.shape)}.")
+            raise ValueError(
+                f"History entries must be (seq,) or (batch, seq) id tensors, got shape {tuple(ids.shape)}."
+            )
         steps.append([int(token) for token in ids[prompt_length:]])
     lengths = {len(step) for step in steps}
     if len(lengths) != 1 or 0 in lengths:

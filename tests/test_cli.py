@@ -11,10 +11,12 @@ from dimple.tiny import build_tiny_processor
 from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
 
 
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
+
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dimple", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "dimple", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=CLI_ENV
     )
 
 
@@ -37,18 +39,25 @@ def test_generate_on_the_bundled_model_with_an_image(tmp_path):
 
 def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    for args, message in (
+    cases = (
         (["--image", str(tmp_path / "missing.png")], "image file not found"),
         (["--image", str(tmp_path / "broken.png")], "cannot read image"),
         (["--model", str(tmp_path / "no-such-model")], "model not found"),
         (["--model", str(tmp_path)], "cannot load model"),
         (["--template", "no slots here"], "the template has no <|mask|> slot"),
         (["--gif", str(tmp_path / "no-such-folder" / "steps.gif")], "the folder for --gif"),
-    ):
-        result = run_cli("generate", "--prompt", "hi", *args, cwd=tmp_path)
-        assert result.returncode == 2
-        assert message in result.stderr and "Traceback" not in result.stderr
-        assert result.stdout == ""
+    )
+    # The cases are independent processes: start them together, they mostly wait on imports.
+    running = [
+        (subprocess.Popen([sys.executable, "-m", "dimple", "generate", "--prompt", "hi", *args], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV), message)
+        for args, message in cases
+    ]
+    for process, message in running:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, stderr[-2000:]
+        assert message in stderr and "Traceback" not in stderr
+        assert stdout == ""
 
 
 def test_generate_draws_every_denoising_step(tmp_path):
