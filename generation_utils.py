@@ -539,11 +539,15 @@ class DimpleGenerationMixin(GenerationMixin):
         for block_start in range(0, answer_len, block_len):
             in_block = (answer_index >= block_start) & (answer_index < block_start + block_len)
             masks_initial = ((sequences[:, prompt_len:] == mask_id) & in_block).sum(dim=1)
-            if num_blocks > 1 and not bool(masks_initial.any()):
+            masks_left = int(masks_initial.sum())  # one host synchronisation per block ...
+            if masks_left == 0:
                 continue
             for step in range(block_steps):
                 canvas = sequences[:, prompt_len:]
                 masked = (canvas == mask_id) & in_block
+                # (row, answer index) of every mask; its size is known on the host, so no synchronisation here.
+                coords = torch.nonzero_static(masked, size=masks_left)
+                rows, columns = coords[:, 0], coords[:, 1]
                 if cache is None or step == 0:
                     start, end = 0, total_len
                 else:
@@ -555,7 +559,7 @@ class DimpleGenerationMixin(GenerationMixin):
                     [prompt_embeds[:, start:], self.get_input_embeddings()(sequences[:, max(start, prompt_len) : end])],
                     dim=1,
                 )
-                keep = torch.cat([no_prefix, masked, no_tail], dim=1)[:, start:end]
+                keep = torch.stack([rows, columns + (prompt_len - 1 - start)], dim=1)
                 logits = step_forward(
                     inputs_embeds=embeds,
                     attention_mask=attention,
@@ -563,24 +567,24 @@ class DimpleGenerationMixin(GenerationMixin):
                     past_key_values=cache,
                     logits_to_keep=0 if want_full_logits or gather_after else keep,
                 ).logits
-                if gather_after:
-                    logits = logits[keep]
                 forward_passes += 1
+                if gather_after:
+                    logits = logits[keep[:, 0], keep[:, 1]]
                 if want_full_logits:
                     logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
                     if logits_hook is not None:
                         logits = logits_hook(step, x, logits)
-                    masked_logits = logits[:, -answer_len:][masked]
+                    masked_logits = logits[:, -answer_len:][rows, columns]
                 else:
                     masked_logits = logits
 
                 tokens, original, filtered = propose_tokens(
                     masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
                 )
-                confidence = token_confidence(config.alg, original if use_original else filtered, tokens)
-                unmasked = torch.full(masked.shape, float("-inf"), device=masked.device)
-                confidence = unmasked.masked_scatter(masked, confidence)
-                proposal = canvas.masked_scatter(masked, tokens)
+                scores = token_confidence(config.alg, original if use_original else filtered, tokens)
+                confidence = torch.full(masked.shape, float("-inf"), device=masked.device)
+                confidence = confidence.index_put((rows, columns), scores)
+                proposal = canvas.index_put((rows, columns), tokens)
                 if config.decoding_pipeline == "dim":
                     commit = dim_commit(config, step, block_steps, confidence, masked, masks_initial, timesteps)
                 else:
@@ -595,7 +599,8 @@ class DimpleGenerationMixin(GenerationMixin):
                     history.append(sequences.clone())
                 if draft_streamer is not None:
                     draft_streamer.put_draft(new_canvas.cpu())
-                if config.decoding_pipeline == "dim" and not bool(((new_canvas == mask_id) & in_block).any()):
+                masks_left = int(((new_canvas == mask_id) & in_block).sum())  # ... and one per step
+                if config.decoding_pipeline == "dim" and masks_left == 0:
                     break
 
         if streamer is not None:
@@ -611,7 +616,7 @@ class DimpleGenerationMixin(GenerationMixin):
             sequences=sequences,
             history=tuple(history) if config.output_history else None,
             num_forward_passes=forward_passes,
-            tokens_per_forward=committed.float() / forward_passes,
+            tokens_per_forward=committed.float() / max(forward_passes, 1),
         )
 
     def compiled_forward(self, compile_config: CompileConfig | None) -> Callable:

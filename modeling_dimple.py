@@ -6,7 +6,9 @@ multimodal rotary positions, the projector, bidirectional masking and the logit 
 position i predicts token i + 1; the diffusion sampler shifts it by one).
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -111,6 +113,21 @@ class DimplePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": DimpleDecoderLayer, "attentions": Qwen2Attention}
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, use_safetensors: bool | None = None,
+        **kwargs,
+    ):
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False`.
+
+        transformers falls back to pickle files (`pytorch_model.bin`) when a checkpoint has no safetensors, and
+        unpickling can run code; here that fallback is an explicit opt-in for sources the user trusts.
+        """
+        if use_safetensors is None and kwargs.get("gguf_file") is None:
+            refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            use_safetensors = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs)
+
     def _apply(self, fn, recurse: bool = True):
         """Cast like any module, except that rotary frequency tables stay float32."""
         rotary_tables = {
@@ -126,6 +143,33 @@ class DimplePreTrainedModel(PreTrainedModel):
             if current.dtype != torch.float32:
                 setattr(module, buffer_name, table.to(current.device))
         return self
+
+    def set_attention_mode(self, causal: bool) -> None:
+        """Switch the decoder between causal attention (the autoregressive training phases) and bidirectional
+        attention (diffusion training and decoding); `config.full_attn_mask` records the mode so it is saved."""
+        if not isinstance(causal, bool):
+            raise TypeError(f"set_attention_mode(causal=...) takes True or False, got {causal!r}.")
+        for module in self.modules():
+            if isinstance(module, DimplePreTrainedModel):
+                module.config.full_attn_mask = not causal
+            if isinstance(module, DimpleDecoderLayer):
+                module.self_attn.is_causal = causal
+
+
+def refuse_pickle_only_folder(path: str | os.PathLike | None, subfolder: str) -> None:
+    """A local checkpoint folder without safetensors but with pickle weights gets a message naming the opt-in."""
+    if path is None or not Path(path, subfolder).is_dir():
+        return
+    folder = Path(path, subfolder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(file.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for file in folder.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); unpickling can run arbitrary code, so Dimple "
+            "loads safetensors only. Convert the weights to safetensors, or, for a source you trust, opt in with "
+            "from_pretrained(..., use_safetensors=False)."
+        )
 
 
 class DimpleTextModel(DimplePreTrainedModel):
@@ -238,8 +282,57 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
                 "`pixel_values` were given without `image_grid_thw`; pass both, as returned by the processor."
             )
         pixel_values = pixel_values.to(dtype=self.visual.dtype, device=self.visual.device)
+        image_grid_thw = image_grid_thw.to(self.visual.device)
         merged = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
         return self.img_projector(merged)
+
+    def validate_image_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+    ) -> None:
+        """Images and their placeholders must come together and agree, before the vision tower runs.
+
+        Without this, image-pad tokens with no images are silently read as text, and raw (uint8) pixels or a
+        grid that does not describe `pixel_values` fail deep inside the vision tower or give garbage features.
+        Floating `pixel_values` of another precision are cast to the tower's dtype by `get_image_features`.
+        """
+        num_tokens = int((input_ids == self.config.image_token_id).sum())
+        if pixel_values is None and image_grid_thw is None:
+            if num_tokens:
+                raise ValueError(
+                    f"The prompt holds {num_tokens} image tokens but no images were given; pass the `pixel_values` "
+                    "and `image_grid_thw` the processor returned with it, or remove the image placeholders."
+                )
+            return
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError(
+                "`pixel_values` and `image_grid_thw` go together; pass both, as returned by the processor."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be floating point (normalised patches from the image processor), got "
+                f"{pixel_values.dtype}; pass the processor's pixel_values, not raw pixels."
+            )
+        if image_grid_thw.is_floating_point() or image_grid_thw.ndim != 2 or image_grid_thw.shape[-1] != 3:
+            raise TypeError(
+                f"image_grid_thw must be integer (frames, height, width) patch counts of shape (images, 3), got "
+                f"{image_grid_thw.dtype} {tuple(image_grid_thw.shape)}; pass the processor's image_grid_thw."
+            )
+        patches = int(image_grid_thw.prod(dim=-1).sum())
+        if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw describes {patches} patches; "
+                "pass both from the same processor call."
+            )
+        features = patches // self.config.vision_config.spatial_merge_size**2
+        if num_tokens != features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {num_tokens} image tokens but the "
+                f"images give {features} features. Build inputs with the processor, which expands each image "
+                "placeholder to the number of tokens its grid needs (one image per placeholder)."
+            )
 
     def merge_image_features(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -332,8 +425,9 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
 
         Positions: computed here (M-RoPE from `input_ids`, `image_grid_thw`, `attention_mask`) unless given; with
         a non-empty `past_key_values` the new tokens continue after the cached prefix using `rope_deltas`.
-        `logits_to_keep`: an int keeps the last n positions; a bool (batch, seq) tensor keeps the True positions
-        and returns logits of shape (num_true, vocab) — the sampler uses it to project only masked positions.
+        `logits_to_keep`: an int keeps the last n positions; a bool (batch, seq) tensor keeps the True positions,
+        and a long (n, 2) tensor of (row, position) pairs keeps those (the sampler's form: its size is known on
+        the host, so no synchronisation); both return logits of shape (n, vocab), for masked positions only.
         `labels` gives the autoregressive next-token loss (the diffusion loss lives in the trainer).
         `mm_token_type_ids` is accepted for processor/pipeline compatibility and not needed.
         """
@@ -342,6 +436,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
+            self.validate_image_inputs(input_ids, pixel_values, image_grid_thw)
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values, image_grid_thw)
@@ -361,6 +456,8 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
             hidden_states = hidden_states[logits_to_keep]
+        elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+            hidden_states = hidden_states[logits_to_keep[:, 0], logits_to_keep[:, 1]]
         elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)

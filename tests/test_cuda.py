@@ -1,5 +1,7 @@
 """GPU checks: attention backends and compiled steps agree with SDPA on CUDA. Skipped without a GPU."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -59,3 +61,20 @@ def test_compiled_steps_give_the_same_tokens_on_cuda(processor, padded_inputs, m
     settings = dict(max_new_tokens=16, alg_p_threshold=0.3, compile_forward=True, compile_config=CompileConfig(mode=mode))
     model.generate(**unpadded, **settings)
     assert torch.equal(model.generate(**unpadded, **settings), eager)
+
+
+def test_one_host_synchronisation_per_step_on_cuda(processor, padded_inputs):
+    """The sampler reads one number per step (masks left) and one per block; nothing else waits for the GPU."""
+    model = cuda_model(processor, "sdpa", torch.float32)
+    model.generate(**padded_inputs, max_new_tokens=12, alg_p_threshold=0.3)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = model.generate(**padded_inputs, max_new_tokens=12, alg_p_threshold=0.3, return_dict_in_generate=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    # per request: padding check, M-RoPE ids, validation; per block: one; per step: one
+    assert len(syncs) <= out.num_forward_passes + 1 + 8
