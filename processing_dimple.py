@@ -9,6 +9,9 @@ merged patch group), so we subclass ``Qwen2VLProcessor`` and keep its ``__call__
   prompt column, so every prompt of a batch must end there.
 """
 
+from typing import Any
+
+from transformers.image_utils import make_flat_list_of_images
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 # The chat template the released checkpoint was trained and evaluated with (Qwen2-VL's prompt format,
@@ -82,6 +85,22 @@ class DimpleProcessor(Qwen2VLProcessor):
         if videos is not None:
             raise ValueError("DimpleProcessor does not process videos (Dimple has no video support); pass videos=None.")
         return super().__call__(images=images, text=text, **kwargs)
+
+    def validate_inputs(
+        self, images: Any = None, text: str | list[str] | None = None, videos: Any = None, audio: Any = None, **kwargs
+    ) -> None:
+        """One image per placeholder, counted over the whole batch, with a message that says how to fix it."""
+        if text is not None:
+            samples = [text] if isinstance(text, str) else [sample for sample in text if isinstance(sample, str)]
+            placeholders = sum(sample.count(self.image_token) for sample in samples)
+            count = 0 if images is None else len(make_flat_list_of_images(images))
+            if placeholders != count:
+                raise ValueError(
+                    f"The text has {placeholders} image placeholders but {count} images were passed; give exactly "
+                    "one image per placeholder, in order (one {\"type\": \"image\"} entry per image in the chat "
+                    "messages; apply_chat_template writes the placeholders)."
+                )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """Decode generated ids, each row cut at its first ``<|endoftext|>`` after its first real token.
