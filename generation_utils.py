@@ -526,8 +526,6 @@ class DimpleGenerationMixin(GenerationMixin):
         cache = DimpleDiffusionCache(self.config.num_hidden_layers) if config.use_cache else None
         use_original = config.use_original_confidence and config.decoding_pipeline == "dim"
         want_full_logits = tokens_hook is not None or logits_hook is not None
-        no_prefix = torch.zeros(batch_size, prompt_len - 1, dtype=torch.bool, device=sequences.device)
-        no_tail = torch.zeros(batch_size, 1, dtype=torch.bool, device=sequences.device)
         answer_index = torch.arange(answer_len, device=sequences.device)
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
         step_forward = self.compiled_forward(config.compile_config) if config.compile_forward else self

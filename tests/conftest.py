@@ -14,9 +14,26 @@ from PIL import Image
 
 from dimple.processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
 from dimple.tiny import SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, tiny_vocab_and_merges
+from dimple.tiny_checkpoint import build_tiny_model
 from dimple.tokenization_dimple import DimpleTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny random Dimple and its processor, built once per test module (generation, decoding modes, compile,
+# hardening tests)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processor() -> DimpleProcessor:
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor: DimpleProcessor):
+    return build_tiny_model(processor)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,18 +4,6 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    return build_tiny_model(processor)
 
 
 @pytest.fixture(scope="module")

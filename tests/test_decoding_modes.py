@@ -6,18 +6,6 @@ import torch
 from PIL import Image
 
 from dimple.generation_utils import DimpleDiffusionCache
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    return build_tiny_model(processor)
 
 
 def encode(processor, texts: list[str], with_image: bool = True):

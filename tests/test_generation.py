@@ -6,18 +6,6 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from dimple import DimpleGenerationConfig
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    return build_tiny_model(processor)
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:

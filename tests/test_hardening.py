@@ -12,18 +12,7 @@ import torch
 from PIL import Image
 
 from dimple import DimpleModel
-from dimple.tiny import build_tiny_processor
 from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    return build_tiny_model(processor)
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
