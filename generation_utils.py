@@ -24,7 +24,7 @@ import torch
 from transformers import CompileConfig, GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 PIPELINES = ("dim", "dream")
@@ -34,6 +34,8 @@ TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"
 VISION_TOKEN_KEYS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id"
 )
+
+logger = logging.get_logger(__name__)
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -533,7 +535,7 @@ class DimpleGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        history, forward_passes = [], 0
+        history, forward_passes, unfinished = [], 0, 0
         for block_start in range(0, answer_len, block_len):
             in_block = (answer_index >= block_start) & (answer_index < block_start + block_len)
             masks_initial = ((sequences[:, prompt_len:] == mask_id) & in_block).sum(dim=1)
@@ -600,7 +602,14 @@ class DimpleGenerationMixin(GenerationMixin):
                 masks_left = int(((new_canvas == mask_id) & in_block).sum())  # ... and one per step
                 if config.decoding_pipeline == "dim" and masks_left == 0:
                     break
+            unfinished += masks_left
 
+        if unfinished:
+            logger.warning(
+                f"{unfinished} <|mask|> token(s) are still in the answer after {block_steps} step(s) per block "
+                f"(alg={config.alg!r}, alg_p_threshold={config.alg_p_threshold}); raise `steps` or enable "
+                "confident decoding to fill every slot."
+            )
         if streamer is not None:
             answers = sequences[:, prompt_len:]
             stops = [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)]

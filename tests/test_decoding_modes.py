@@ -4,6 +4,7 @@ cache modes."""
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import logging
 
 from dimple.generation_utils import DimpleDiffusionCache
 
@@ -156,3 +157,17 @@ def test_block_length_must_be_a_positive_integer(model, processor, block_length)
     inputs = encode(processor, ["Hi."], with_image=False)
     with pytest.raises(ValueError, match="block_length"):
         model.generate(**inputs, max_new_tokens=8, block_length=block_length)
+
+
+def test_masks_left_after_the_last_step_are_reported(model, processor, caplog):
+    """alg='autoregressive' with fewer steps than slots leaves masks (as the reference does): say so."""
+    inputs = encode(processor, ["Hi."], with_image=False)
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            out = model.generate(**inputs, max_new_tokens=8, steps=3, alg="autoregressive", alg_p_threshold=None)
+    finally:
+        logging.disable_propagation()
+    left = int((out == model.config.mask_token_id).sum())
+    assert left == 5
+    assert "5 <|mask|> token(s) are still in the answer" in caplog.text
