@@ -1,6 +1,9 @@
-"""The tiny Dimple bundled with the package: same architecture and key layout as Dimple-7B, a few hundred
-thousand random parameters, the tiny tokenizer and processor. Built deterministically (`build_tiny_model`), saved
-to `tiny_checkpoint/` by `python -m dimple.tiny_checkpoint`; the CLI and README run it offline.
+"""Tiny random Dimples for tests: same architecture and key layout as Dimple-7B, a few hundred thousand random
+parameters, the tiny tokenizer and processor. Built deterministically (`build_tiny_model`); written to a folder by
+`python -m dimple.tiny_checkpoint FOLDER`.
+
+The checkpoint bundled with the package (`BUNDLED_CHECKPOINT`, used by the CLI and README) is a trained one,
+made by `python -m dimple.train_tiny`.
 """
 
 import sys
@@ -46,7 +49,14 @@ def build_tiny_model(processor: DimpleProcessor, seed: int = 0, **overrides) -> 
     return model.eval()
 
 
-def save_tiny_checkpoint(folder: Path = BUNDLED_CHECKPOINT) -> Path:
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """Write the random tiny model and processor to `folder` (not the bundled, trained checkpoint)."""
+    folder = Path(folder)
+    if folder.resolve() == BUNDLED_CHECKPOINT:
+        raise ValueError(
+            "The bundled checkpoint is the trained tiny Dimple; rebuild it with `python -m dimple.train_tiny`, "
+            "or write the random tiny model to another folder."
+        )
     processor = build_tiny_processor()
     build_tiny_model(processor).save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -57,4 +67,7 @@ def save_tiny_checkpoint(folder: Path = BUNDLED_CHECKPOINT) -> Path:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(f"{save_tiny_checkpoint()}\n")
+    if len(sys.argv) != 2:
+        sys.stderr.write("usage: python -m dimple.tiny_checkpoint FOLDER\n")
+        sys.exit(2)
+    sys.stdout.write(f"{save_tiny_checkpoint(Path(sys.argv[1]))}\n")

@@ -1,5 +1,6 @@
 """The `dimple` command and the bundled tiny checkpoint."""
 
+import json
 import re
 import subprocess
 import sys
@@ -7,8 +8,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from dimple import DimpleModel, DimpleProcessor
 from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
+from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.train_tiny import trained_config
 
 
 CLI_ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -20,11 +23,20 @@ def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
-def test_bundled_checkpoint_is_what_the_builder_makes():
+def test_bundled_checkpoint_is_the_model_the_training_script_defines():
+    processor = build_tiny_processor()
     bundled = load_file(BUNDLED_CHECKPOINT / "model.safetensors")
-    built = build_tiny_model(build_tiny_processor()).state_dict()
-    assert set(bundled) == set(built)
-    assert all(torch.equal(bundled[key], built[key]) for key in bundled)
+    defined = DimpleModel(trained_config(processor)).state_dict()
+    assert {key: value.shape for key, value in bundled.items()} == {key: value.shape for key, value in defined.items()}
+    assert all(value.dtype == torch.float32 for value in bundled.values())
+    saved = json.loads((BUNDLED_CHECKPOINT / "config.json").read_text())
+    for key, value in trained_config(processor).to_diff_dict().items():
+        if key not in ("vision_config", "transformers_version", "dtype"):
+            assert saved[key] == value, key
+    assert saved["full_attn_mask"] is True
+    assert DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT).tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert (BUNDLED_CHECKPOINT / "model.safetensors").stat().st_size < 20 * 2**20
+    assert not list(BUNDLED_CHECKPOINT.glob("*.py"))
 
 
 def test_generate_on_the_bundled_model_with_an_image(tmp_path):
@@ -84,11 +96,18 @@ def test_generate_draws_every_denoising_step(tmp_path):
 
 
 def test_generate_with_a_template_keeps_its_fixed_text(tmp_path):
-    result = run_cli("generate", "--prompt", "Colour?", "--template", '{"colour": "<|mask|><|mask|><|mask|>"}',
-                     "--quiet", "--no-cache", cwd=tmp_path)
+    from PIL import Image, ImageDraw
+
+    # The bundled model is trained on pictures like this one ("Describe the image." -> "one red square"); the
+    # template fixes the first word to "two" and leaves the rest to the model.
+    image = Image.new("RGB", (84, 84), "white")
+    ImageDraw.Draw(image).rectangle((32, 32, 52, 52), fill=(220, 40, 40))
+    image.save(tmp_path / "red.png")
+    result = run_cli("generate", "--image", str(tmp_path / "red.png"), "--prompt", "Describe the image.",
+                     "--template", "two" + "<|mask|>" * 5, "--quiet", "--no-cache", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = result.stdout.splitlines()[0]
-    assert answer.startswith('{"colour": "') and answer.endswith('"}')
+    assert answer.startswith("two red")
     assert "denoising" not in result.stderr
 
 
