@@ -1,12 +1,13 @@
-"""Train the tiny Dimple bundled in `tiny_checkpoint/`: `python -m dimple.train_tiny` (CPU, about 15 minutes).
+"""Train the tiny Dimple bundled in `tiny_checkpoint/`: `python -m dimple.train_tiny` (2 CPU threads, 2-4 minutes).
 
 The task is synthetic and generated on the fly: an 84x84 picture with one to three shapes of one colour and one
 kind (circle, square or triangle) in distinct cells of a 3x3 grid, and one of four questions about it (describe,
-colour, shape, count). The recipe is Dimple's, scaled down (REFERENCE §11): an autoregressive phase (causal
-attention, every weight trained, since the tiny vision tower starts from random weights too), then a diffusion
-phase (bidirectional attention, vision tower and projector frozen). The model has Dimple-7B's architecture and
-key layout with a few million parameters, and uses the tiny tokenizer and processor of `dimple.tiny`.
-Everything is seeded; example i of a split is always the same picture and question.
+colour, shape, count). The recipe is Dimple's, scaled down (REFERENCE §11), after a short vision pretraining that
+stands in for the pretrained Qwen2.5-VL tower: an autoregressive phase (causal attention, every weight trained),
+then a diffusion phase (bidirectional attention, vision tower and projector frozen). The model has Dimple-7B's
+architecture and key layout with 1.2 M parameters, and uses the tiny tokenizer and processor of `dimple.tiny`.
+Everything is seeded and deterministic: example i of a split is always the same picture and question, and a rerun
+with the same thread count writes the same weights bit for bit.
 """
 
 import argparse
