@@ -344,7 +344,9 @@ class DimpleTrainer(Trainer):
             raise ValueError(f"eps must lie in (0, 1), got {eps}.")
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
+        # Per-batch means: the Trainer divides them by the accumulation steps (both spellings across 5.x releases).
         self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
         self.objective = objective
         self.complementary_masking = complementary_masking
         self.time_weighting = time_weighting

@@ -189,10 +189,10 @@ def overfit_batch() -> list[dict]:
     return [chat("red circle"), chat("blue", (20, 30, 200), "Which colour?"), chat("two", (30, 200, 30), "How many?")]
 
 
-def training_args(tmp_path, steps: int, lr: float = 1e-2) -> TrainingArguments:
+def training_args(tmp_path, steps: int, lr: float = 1e-2, **extra) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=3, learning_rate=lr,
-        report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+        report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, **extra,
     )
 
 
@@ -231,7 +231,7 @@ def test_trainer_lowers_the_loss_on_an_overfit_batch(processor, tmp_path):
         DimpleTrainer(model=model, args=training_args(tmp_path, 1), objective="mlm")
 
 
-def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(processor):
+def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(processor, tmp_path):
     batch = DimpleSFTCollator(processor, seed=0)(overfit_batch())
     grads = []
     for checkpointing in (False, True):
@@ -245,6 +245,13 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(processor)
         assert len(calls) == (2 if checkpointing else 1)
         grads.append(model.model.layers[1].mlp.up_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+    model = build_tiny_model(processor)
+    name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") else "gradient_checkpointing"
+    args = training_args(tmp_path, 2, **{name: True})
+    DimpleTrainer(model=model, args=args, train_dataset=overfit_batch(),
+                  data_collator=DimpleSFTCollator(processor, seed=0), objective="diffusion").train()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
 
 
 def test_lora_adapters_attach_train_save_and_reload(processor, tmp_path):
