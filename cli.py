@@ -148,7 +148,12 @@ def generate(args: argparse.Namespace) -> str:
         )
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
-    answer = processor.post_process_image_text_to_text(out.sequences[:, prompt_length:])[0]
+    answer_ids = out.sequences[:, prompt_length:]
+    if template is None:
+        answer = processor.post_process_image_text_to_text(answer_ids)[0]
+    else:
+        # A template's fixed text may follow slots the model filled with <|endoftext|>: drop those, don't cut.
+        answer = processor.batch_decode(answer_ids, skip_special_tokens=True)[0]
     picture = dict(
         history=out.history, tokenizer=processor.tokenizer, mask_token_id=model.config.mask_token_id,
         prompt_length=prompt_length, template=template,

@@ -107,6 +107,19 @@ class DimpleGenerationConfig(GenerationConfig):
         values = model_config if isinstance(model_config, dict) else model_config.to_dict()
         return cls(**{key: values.get(key) for key in TOKEN_ID_KEYS})
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What differs from Dimple's defaults (the parent compares with autoregressive ones).
+
+        A saved generation_config.json then omits e.g. `temperature=0`, which transformers' loader, reading the
+        file as a plain `GenerationConfig` first, would flag as an invalid greedy setting.
+        """
+        defaults = DimpleGenerationConfig().to_dict()
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key == "transformers_version" or key not in defaults or value != defaults[key]
+        }
+
     @classmethod
     def from_loaded(cls, loaded: GenerationConfig) -> "DimpleGenerationConfig":
         """Convert what `from_pretrained` read from generation_config.json.

@@ -1,17 +1,23 @@
 """The `dimple` command and the bundled tiny checkpoint."""
 
 import json
+import random
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from dimple import DimpleModel, DimpleProcessor
 from dimple.tiny import build_tiny_processor
 from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
-from dimple.train_tiny import trained_config
+from dimple.train_tiny import COUNT_WORDS, SPLIT_SEEDS, render, trained_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 CLI_ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -40,8 +46,6 @@ def test_bundled_checkpoint_is_the_model_the_training_script_defines():
 
 
 def test_generate_on_the_bundled_model_with_an_image(tmp_path):
-    from PIL import Image
-
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
     result = run_cli("generate", "--image", str(tmp_path / "red.png"), "--prompt", "What colour?",
                      "--max-new-tokens", "8", cwd=tmp_path)
@@ -73,8 +77,6 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
 
 
 def test_generate_draws_every_denoising_step(tmp_path):
-    from PIL import Image
-
     for name, colour in (("red.png", (200, 30, 30)), ("blue.jpg", (20, 40, 210))):
         Image.new("RGB", (64, 48), colour).save(tmp_path / name)
     result = run_cli(
@@ -96,18 +98,17 @@ def test_generate_draws_every_denoising_step(tmp_path):
 
 
 def test_generate_with_a_template_keeps_its_fixed_text(tmp_path):
-    from PIL import Image, ImageDraw
-
     # The bundled model is trained on pictures like this one ("Describe the image." -> "one red square"); the
-    # template fixes the first word to "two" and leaves the rest to the model.
+    # template fixes the first word to "two" and a closing word, and leaves the slots between to the model; slots
+    # it fills with <|endoftext|> must not cut the fixed text after them.
     image = Image.new("RGB", (84, 84), "white")
     ImageDraw.Draw(image).rectangle((32, 32, 52, 52), fill=(220, 40, 40))
     image.save(tmp_path / "red.png")
     result = run_cli("generate", "--image", str(tmp_path / "red.png"), "--prompt", "Describe the image.",
-                     "--template", "two" + "<|mask|>" * 5, "--quiet", "--no-cache", cwd=tmp_path)
+                     "--template", "two" + "<|mask|>" * 5 + " done", "--quiet", "--no-cache", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = result.stdout.splitlines()[0]
-    assert answer.startswith("two red")
+    assert answer.startswith("two red") and answer.endswith(" done")
     assert "denoising" not in result.stderr
 
 
@@ -119,3 +120,17 @@ def test_generate_loads_a_model_folder(tmp_path):
                      "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "forward passes:" in result.stdout
+
+
+def test_the_readme_quick_start_command_describes_the_bundled_example_correctly():
+    """The quick start's `dimple generate ...` as written in README, from the repo root; the expected answer is the
+    synthetic generator's own label for the example picture (held-out index 4), not a recorded output."""
+    quick_start = README.read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    command = shlex.split(quick_start.splitlines()[0].split("&&", 1)[1])
+    assert command[:2] == ["dimple", "generate"]
+    image, colour, shape, count = render(random.Random(SPLIT_SEEDS["test"] + 4))
+    with Image.open(README.parent / "tiny_checkpoint" / "example.png") as bundled:
+        assert list(bundled.convert("RGB").getdata()) == list(image.getdata())
+    result = run_cli(*command[1:], cwd=README.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == f"{COUNT_WORDS[count - 1]} {colour} {shape}{'s' if count > 1 else ''}"
