@@ -51,6 +51,8 @@ INIT_STD = 0.06
 the vision blocks, merger and projector to ~1e-4 of their variation, and the model ignores the image for hundreds
 of steps. ~1/sqrt(width) keeps their scale."""
 SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
+# The held-out picture saved next to the weights as example.png, which the README's quick start describes.
+EXAMPLE_INDEX = 4
 
 
 def render(rng: random.Random) -> tuple[Image.Image, str, str, int]:
@@ -242,6 +244,7 @@ def save(model: DimpleModel, processor: DimpleProcessor, folder: Path) -> Path:
     processor.save_pretrained(folder)
     for module in folder.glob("*.py"):
         module.unlink()
+    render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))[0].save(folder / "example.png", optimize=True)
     return folder
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dimple import DimpleModel, DimpleProcessor
 from dimple.tiny import build_tiny_processor
 from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
-from dimple.train_tiny import COUNT_WORDS, SPLIT_SEEDS, render, trained_config
+from dimple.train_tiny import COUNT_WORDS, EXAMPLE_INDEX, SPLIT_SEEDS, render, trained_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -124,11 +124,11 @@ def test_generate_loads_a_model_folder(tmp_path):
 
 def test_the_readme_quick_start_command_describes_the_bundled_example_correctly():
     """The quick start's `dimple generate ...` as written in README, from the repo root; the expected answer is the
-    synthetic generator's own label for the example picture (held-out index 4), not a recorded output."""
+    synthetic generator's own label for the held-out example picture, not a recorded output."""
     quick_start = README.read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     command = shlex.split(quick_start.splitlines()[0].split("&&", 1)[1])
     assert command[:2] == ["dimple", "generate"]
-    image, colour, shape, count = render(random.Random(SPLIT_SEEDS["test"] + 4))
+    image, colour, shape, count = render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))
     with Image.open(README.parent / "tiny_checkpoint" / "example.png") as bundled:
         assert list(bundled.convert("RGB").getdata()) == list(image.getdata())
     result = run_cli(*command[1:], cwd=README.parent)
