@@ -23,6 +23,7 @@ import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
+from dimple.generation_utils import DimpleDiffusionCache
 
 
 SIZES = {
@@ -117,6 +118,40 @@ def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int) -> 
     return results[len(results) // 2]
 
 
+def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answer: int, repeats: int = 5) -> str:
+    """Best-of-`repeats` decoder forward (no LM head, no sampler) over the whole sequence vs over the cached window.
+
+    The prefix cache can at most make a step (P + L) / (L + 1) times cheaper; this isolates how close the decoder
+    gets, since the LM head on masked rows and the sampler cost the same with or without the cache.
+    """
+    prompt_len = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], inputs["input_ids"].new_full((1, answer), model.config.mask_token_id)], 1)
+    positions, _ = model.get_rope_index(ids, inputs["image_grid_thw"], None)
+    embeds = model.get_input_embeddings()(ids)
+
+    def best(run: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        full = best(lambda: model.model(inputs_embeds=embeds, position_ids=positions))
+        cache = DimpleDiffusionCache(model.config.num_hidden_layers)
+        model.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache)
+        cache.set_window(prompt_len - 1)
+        window = best(lambda: model.model(inputs_embeds=embeds[:, prompt_len - 1 :],
+                                          position_ids=positions[..., prompt_len - 1 :], past_key_values=cache))
+    bound = (prompt_len + answer) / (answer + 1)
+    return (f"Decoder forward alone, {answer}-token answer: full sequence {full * 1e3:.1f} ms, cached window "
+            f"{window * 1e3:.1f} ms, {full / window:.1f}x (bound (P+L)/(L+1) = {bound:.1f}x, "
+            f"{full / window / bound:.2f} of it).")
+
+
 def dimple_modes(answer: int, block: int, with_compile: bool) -> dict[str, dict]:
     modes = {"no cache": dict(use_cache=False), "prefix cache": dict(use_cache=True),
              f"dual cache, block {block}": dict(use_cache=True, block_length=block)}
@@ -138,18 +173,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true", help="add torch.compile modes (meant for a GPU)")
     parser.add_argument("--no-peer", action="store_true", help="skip the autoregressive peer")
+    parser.add_argument("--decoder-only", action="store_true", help="only the decoder forward: full vs cached window")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     model = build(args.size, dtype, device)
-    peer = None if args.no_peer else build_autoregressive_peer(args.size, dtype, device)
+    peer = None if args.no_peer or args.decoder_only else build_autoregressive_peer(args.size, dtype, device)
     inputs = prompt(model, args.image_tokens, args.text_tokens, device)
     if device == "cuda":
         machine = torch.cuda.get_device_name()
     else:
         machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     rows = []
-    for answer in args.answer:
+    for answer in [] if args.decoder_only else args.answer:
         steps = max(1, answer // args.tokens_per_step)
         results = {}
         for name, mode in dimple_modes(answer, args.block, args.compile).items():
@@ -178,7 +214,12 @@ def main() -> None:
               "| size | prompt tokens | answer | mode | forwards | first step ms | per step ms | total ms | "
               "answer tok/s | peak GiB | speed-up vs no cache | speed vs AR peer |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    table = header + "\n".join(rows) + "\n"
+    notes = "\n".join(f"- {decoder_step_costs(model, inputs, answer)}" for answer in args.answer)
+    if args.decoder_only:
+        header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
+                  f"{transformers.__version__}, {args.dtype}, `{args.size}`, prompt {inputs['input_ids'].shape[1]} "
+                  "tokens, decoder forward only, best of 5\n")
+    table = header + "\n".join(rows) + "\n\n" + notes + "\n"
     print(table)
     with open(Path(__file__).with_name("RESULTS.md"), "a") as results_file:
         results_file.write(table)
