@@ -5,7 +5,7 @@ kind (circle, square or triangle) in distinct cells of a 3x3 grid, and one of fo
 colour, shape, count). The recipe is Dimple's, scaled down (REFERENCE §11), after a short vision pretraining that
 stands in for the pretrained Qwen2.5-VL tower: an autoregressive phase (causal attention, every weight trained),
 then a diffusion phase (bidirectional attention, vision tower and projector frozen). The model has Dimple-7B's
-architecture and key layout with 1.2 M parameters, and uses the tiny tokenizer and processor of `dimple.tiny`.
+architecture and key layout with 3.1 M parameters, and uses the tiny tokenizer and processor of `dimple.tiny`.
 Everything is seeded and deterministic: example i of a split is always the same picture and question, and a rerun
 with the same thread count writes the same weights bit for bit.
 """
@@ -105,18 +105,18 @@ class SyntheticShapes(Dataset):
 
 
 def trained_config(processor: DimpleProcessor):
-    """Dimple-7B's architecture at a few million parameters: 4 decoder layers of width 128, a 2-block vision tower."""
+    """Dimple-7B's architecture at a few million parameters: 6 decoder layers of width 192, a 2-block vision tower."""
     return tiny_config(
         processor,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
+        hidden_size=192,
+        intermediate_size=576,
+        num_hidden_layers=6,
+        num_attention_heads=6,
         num_key_value_heads=2,
         mrope_section=[4, 6, 6],
         initializer_range=INIT_STD,
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, window_size=56,
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=192, window_size=56,
             fullatt_block_indexes=[1], initializer_range=INIT_STD,
         ),
     )
