@@ -15,6 +15,7 @@ from transformers import (
 # The top-level name is a placeholder on some 5.x releases when torchvision is missing; the module has the class.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+from .cache_dimple import DimpleDiffusionCache
 from .configuration_dimple import DimpleConfig, DimpleVisionConfig
 from .generation_utils import DimpleGenerationConfig, DimpleGenerationOutput
 from .image_processing_dimple import DimpleImageProcessor
@@ -32,6 +33,7 @@ AutoTokenizer.register(DimpleConfig, tokenizer_class=DimpleTokenizer, exist_ok=T
 
 __all__ = [
     "DimpleConfig",
+    "DimpleDiffusionCache",
     "DimpleVisionConfig",
     "DimpleGenerationConfig",
     "DimpleGenerationOutput",

@@ -23,7 +23,7 @@ import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
-from dimple.generation_utils import DimpleDiffusionCache
+from dimple.cache_dimple import DimpleDiffusionCache
 
 
 SIZES = {

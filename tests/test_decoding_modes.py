@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from dimple.generation_utils import DimpleDiffusionCache
+from dimple.cache_dimple import DimpleDiffusionCache
 
 
 def encode(processor, texts: list[str], with_image: bool = True):

@@ -5,7 +5,7 @@ import torch
 from reference_fixtures import generation_runs, run_kwargs
 
 from dimple import DimpleModel
-from dimple.generation_utils import prefix_cache
+from dimple.cache_dimple import prefix_cache
 
 
 SOLO_RUNS = generation_runs(batch_one=True)
