@@ -6,17 +6,7 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from dimple import DimpleGenerationConfig
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def chat(text: str, images: int = 0) -> list[dict]:
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
+from prompts import chat, picture
 
 
 def encode(processor, prompts: list[tuple[str, list[Image.Image]]]):

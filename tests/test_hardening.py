@@ -13,17 +13,7 @@ from PIL import Image
 
 from dimple import DimpleModel
 from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
-
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def chat(text: str, images: int = 0) -> list[dict]:
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
+from prompts import chat, picture
 
 
 def encode(processor, prompts: list[tuple[str, int]], images=None):
