@@ -1,16 +1,16 @@
 """Shared pytest fixtures. Each group is used by the test modules named in its header."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from isolated import run_without_dimple
 
 from dimple.processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
 from dimple.tiny import SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, tiny_vocab_and_merges
@@ -172,33 +172,15 @@ def released_layout_dir(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def fresh_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Factory ``fresh_python(script, *args)``: run ``script`` in a new interpreter, isolated from this repo.
-
-    Offline (``HF_HUB_OFFLINE=1``), with a private ``HF_MODULES_CACHE``, a working directory outside the repo
-    and no ``PYTHONPATH``, so remote-code classes can only come from ``transformers_modules``. Raises with
-    the child's stderr if it fails.
+    """Factory ``fresh_python(script, *args)``: run ``script`` in a new interpreter where ``dimple`` cannot be
+    imported (see ``isolated.py``), offline, outside the repo, so remote-code classes can only come from
+    ``transformers_modules``. Raises with the child's stderr if it fails.
     """
     workdir = tmp_path / "fresh"
     workdir.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-        TRANSFORMERS_VERBOSITY="error",
-        TOKENIZERS_PARALLELISM="false",
-    )
 
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
-        script_path = workdir / "script.py"
-        script_path.write_text(script, encoding="utf-8")
-        result = subprocess.run(
-            [sys.executable, str(script_path), *args],
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_without_dimple(script, workdir, args=args)
         if result.returncode != 0:
             raise AssertionError(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
         return result

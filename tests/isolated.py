@@ -21,8 +21,10 @@ sys.meta_path.insert(0, _HideDimple())
 '''
 
 
-def run_without_dimple(script: str, workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` offline with a private module cache in `workdir`; returns the finished process."""
+def run_without_dimple(
+    script: str, workdir: Path, timeout: int = 300, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run `script` (with `args` as sys.argv[1:]) offline with a private module cache in `workdir`."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -31,6 +33,6 @@ def run_without_dimple(script: str, workdir: Path, timeout: int = 300) -> subpro
         TOKENIZERS_PARALLELISM="false",
     )
     return subprocess.run(
-        [sys.executable, "-c", HIDE_DIMPLE + script], cwd=workdir, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", HIDE_DIMPLE + script, *args], cwd=workdir, env=env, capture_output=True, text=True,
         timeout=timeout,
     )

@@ -1,13 +1,11 @@
 """Config reading, the 7B layout, attention backends, dtype handling, bad inputs and remote-code loading."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from isolated import run_without_dimple
 from reference_fixtures import all_sets
 
 from dimple import DimpleConfig, DimpleModel, DimpleVisionConfig
@@ -149,7 +147,7 @@ def test_remote_code_round_trip_in_a_fresh_process(tiny_a, tmp_path):
         torch.save(tiny_a(**inputs).logits, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import sys, torch
+        import torch
         from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
         folder = {str(model_dir)!r}
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -158,7 +156,6 @@ def test_remote_code_round_trip_in_a_fresh_process(tiny_a, tmp_path):
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         for obj in (config, model, task_model, processor):
             assert type(obj).__module__.startswith("transformers_modules"), type(obj).__module__
-        assert "dimple" not in sys.modules
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             logits = model(**inputs).logits
@@ -170,9 +167,6 @@ def test_remote_code_round_trip_in_a_fresh_process(tiny_a, tmp_path):
         print("ok")
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_without_dimple(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
