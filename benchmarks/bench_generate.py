@@ -80,11 +80,14 @@ def prompt(model: DimpleModel, image_tokens: int, text_tokens: int, device: str)
 
 
 class StepClock:
-    """A streamer that only notes when each step's tokens arrive (no hooks: they would force recompiles)."""
+    """A streamer that notes when each step's tokens arrive and how many masks each step leaves (no hooks: they
+    would force recompiles)."""
 
-    def __init__(self, diffusion: bool):
+    def __init__(self, diffusion: bool, mask_token_id: int = -1):
         self.diffusion = diffusion
+        self.mask_token_id = mask_token_id
         self.stamps: list[float] = []
+        self.masks_left: list[int] = []
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -94,16 +97,18 @@ class StepClock:
 
     def put_draft(self, canvas: torch.Tensor) -> None:
         self.stamps.append(time.perf_counter())
+        self.masks_left.append(int((canvas == self.mask_token_id).sum()))
 
     def end(self) -> None:
         pass
 
 
-def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int) -> dict[str, float]:
-    """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory."""
+def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int, mask_token_id: int = -1) -> dict:
+    """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory, and the masked
+    rows the LM head sees per step after the first (masks left by each step but the last)."""
     results = []
     for _ in range(repeats):
-        clock = StepClock(diffusion)
+        clock = StepClock(diffusion, mask_token_id)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -113,9 +118,30 @@ def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int) -> 
             torch.cuda.synchronize()
         end = time.perf_counter()
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        results.append(dict(total=end - start, first=clock.stamps[0] - start, forwards=len(clock.stamps), peak=peak))
+        later_rows = clock.masks_left[:-1]
+        results.append(dict(total=end - start, first=clock.stamps[0] - start, forwards=len(clock.stamps), peak=peak,
+                            rows=sum(later_rows) / max(1, len(later_rows))))
     results.sort(key=lambda result: result["total"])
     return results[len(results) // 2]
+
+
+def forward_flops(config: DimpleConfig, queries: int, keys: int, head_rows: float) -> float:
+    """Floating-point operations of one decoder forward: linear layers per query, attention per query-key pair, and
+    the LM head on `head_rows` rows."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = hidden // heads
+    linear = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads) + 6 * hidden * config.intermediate_size
+    attention = 4 * heads * head_dim * queries * keys
+    return config.num_hidden_layers * (queries * linear + attention) + 2 * hidden * config.vocab_size * head_rows
+
+
+def cache_ceiling(config: DimpleConfig, prompt_len: int, answer: int, masked_rows: float) -> float:
+    """The most the prefix cache can make a step cheaper on a compute-bound machine: the FLOP ratio of a no-cache
+    step to a cached one (window = last prompt token + answer). The decoder alone reaches the token bound
+    (P+L)/(L+1), since every term is linear in the queries; the whole step does not, because both modes run the LM
+    head on the same `masked_rows`."""
+    total = prompt_len + answer
+    return forward_flops(config, total, total, masked_rows) / forward_flops(config, answer + 1, total, masked_rows)
 
 
 def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answer: int, repeats: int = 5) -> str:
@@ -148,8 +174,24 @@ def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answ
                                           position_ids=positions[..., prompt_len - 1 :], past_key_values=cache))
     bound = (prompt_len + answer) / (answer + 1)
     return (f"Decoder forward alone, {answer}-token answer: full sequence {full * 1e3:.1f} ms, cached window "
-            f"{window * 1e3:.1f} ms, {full / window:.1f}x (bound (P+L)/(L+1) = {bound:.1f}x, "
+            f"{window * 1e3:.1f} ms, {full / window:.1f}x (token bound (P+L)/(L+1) = {bound:.1f}x, "
             f"{full / window / bound:.2f} of it).")
+
+
+def per_step(result: dict[str, float]) -> float:
+    return (result["total"] - result["first"]) / max(1, result["forwards"] - 1)
+
+
+def whole_step_note(config: DimpleConfig, prompt_len: int, answer: int, results: dict) -> str:
+    """Per-step gain of the prefix cache (first step excluded: it is a full forward in both modes) next to what bounds
+    it: the token bound and the FLOP ceiling at the masked rows the LM head saw in that run."""
+    cached = results["prefix cache"]
+    gain = per_step(results["no cache"]) / per_step(cached)
+    bound = (prompt_len + answer) / (answer + 1)
+    ceiling = cache_ceiling(config, prompt_len, answer, cached["rows"])
+    return (f"- Whole step, {answer}-token answer: prefix cache {gain:.1f}x cheaper than no cache (token bound "
+            f"{bound:.1f}x, {gain / bound:.2f} of it; FLOP ceiling {ceiling:.1f}x at {cached['rows']:.1f} masked rows "
+            f"on average, {gain / ceiling:.2f} of it).")
 
 
 def dimple_modes(answer: int, block: int, with_compile: bool) -> dict[str, dict]:
@@ -184,7 +226,7 @@ def main() -> None:
         machine = torch.cuda.get_device_name()
     else:
         machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    rows = []
+    rows, step_notes = [], []
     for answer in [] if args.decoder_only else args.answer:
         steps = max(1, answer // args.tokens_per_step)
         results = {}
@@ -192,7 +234,8 @@ def main() -> None:
             settings = dict(max_new_tokens=answer, steps=steps, alg_p_threshold=None, **mode)
             warm_up = settings if mode.get("compile_forward") else {**settings, "max_new_tokens": 8, "steps": 2}
             model.generate(**inputs, **warm_up)
-            results[name] = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs)
+            results[name] = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs,
+                                  model.config.mask_token_id)
         if peer is not None:
             settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, pad_token_id=0)
             peer.generate(**inputs, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})
@@ -200,13 +243,13 @@ def main() -> None:
                 lambda clock: peer.generate(**inputs, streamer=clock, **settings), False, args.runs
             )
         base = results["no cache"]["total"]
+        step_notes.append(whole_step_note(model.config, inputs["input_ids"].shape[1], answer, results))
         peer_total = results.get("AR peer (Qwen2.5-VL, KV cache)", {}).get("total")
         for name, result in results.items():
-            per_step = (result["total"] - result["first"]) / max(1, result["forwards"] - 1)
             peak = f"{result['peak']:.2f}" if result["peak"] is not None else "—"
             versus_peer = f"{peer_total / result['total']:.2f}x" if peer_total else "—"
             rows.append(f"| {args.size} | {inputs['input_ids'].shape[1]} | {answer} | {name} | {result['forwards']} | "
-                        f"{result['first'] * 1e3:.1f} | {per_step * 1e3:.1f} | {result['total'] * 1e3:.1f} | "
+                        f"{result['first'] * 1e3:.1f} | {per_step(result) * 1e3:.1f} | {result['total'] * 1e3:.1f} | "
                         f"{answer / result['total']:.1f} | {peak} | {base / result['total']:.2f}x | {versus_peer} |")
     header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
               f"{transformers.__version__}, {args.dtype}, median of {args.runs} run(s), "
@@ -214,7 +257,7 @@ def main() -> None:
               "| size | prompt tokens | answer | mode | forwards | first step ms | per step ms | total ms | "
               "answer tok/s | peak GiB | speed-up vs no cache | speed vs AR peer |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    notes = "\n".join(f"- {decoder_step_costs(model, inputs, answer)}" for answer in args.answer)
+    notes = "\n".join(step_notes + [f"- {decoder_step_costs(model, inputs, answer)}" for answer in args.answer])
     if args.decoder_only:
         header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
                   f"{transformers.__version__}, {args.dtype}, `{args.size}`, prompt {inputs['input_ids'].shape[1]} "
