@@ -29,7 +29,7 @@ from dimple.cache_dimple import DimpleDiffusionCache
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, mrope_section=[2, 3, 3], vocab_size=512),
-    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+    "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=2, mrope_section=[8, 12, 12], vocab_size=32000),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064, rope_theta=1e6),
@@ -251,8 +251,11 @@ def main() -> None:
             rows.append(f"| {args.size} | {inputs['input_ids'].shape[1]} | {answer} | {name} | {result['forwards']} | "
                         f"{result['first'] * 1e3:.1f} | {per_step(result) * 1e3:.1f} | {result['total'] * 1e3:.1f} | "
                         f"{answer / result['total']:.1f} | {peak} | {base / result['total']:.2f}x | {versus_peer} |")
+    text = model.config
+    size = (f"`{args.size}` = {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters "
+            f"({text.num_hidden_layers} layers of width {text.hidden_size}, vocabulary {text.vocab_size})")
     header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, {args.dtype}, median of {args.runs} run(s), "
+              f"{transformers.__version__}, {args.dtype}, {size}, median of {args.runs} run(s), "
               f"~{args.tokens_per_step} tokens/step by schedule, no threshold, block {args.block}\n\n"
               "| size | prompt tokens | answer | mode | forwards | first step ms | per step ms | total ms | "
               "answer tok/s | peak GiB | speed-up vs no cache | speed vs AR peer |\n"
@@ -260,7 +263,7 @@ def main() -> None:
     notes = "\n".join(step_notes + [f"- {decoder_step_costs(model, inputs, answer)}" for answer in args.answer])
     if args.decoder_only:
         header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
-                  f"{transformers.__version__}, {args.dtype}, `{args.size}`, prompt {inputs['input_ids'].shape[1]} "
+                  f"{transformers.__version__}, {args.dtype}, {size}, prompt {inputs['input_ids'].shape[1]} "
                   "tokens, decoder forward only, best of 5\n")
     table = header + "\n".join(rows) + "\n\n" + notes + "\n"
     print(table)
