@@ -48,7 +48,8 @@ def build(size: str, dtype: torch.dtype, device: str) -> DimpleModel:
                           vision_token_id=6, max_position_embeddings=32768,
                           vision_config={**VISION[size], "out_hidden_size": hidden})
     torch.manual_seed(0)
-    return DimpleModel(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # built where it runs, in its dtype: a 7B fp32 copy on the host would cost minutes
+        return DimpleModel._from_config(config, dtype=dtype).eval()
 
 
 def build_autoregressive_peer(size: str, dtype: torch.dtype, device: str) -> Qwen2_5_VLForConditionalGeneration:
@@ -63,7 +64,8 @@ def build_autoregressive_peer(size: str, dtype: torch.dtype, device: str) -> Qwe
         **TOKEN_IDS,
     )
     torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
 
 
 def prompt(model: DimpleModel, image_tokens: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
