@@ -12,8 +12,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 class DimpleWindowLayer(DynamicLayer):
     """Keys/values of every position of the sequence; a forward over a window rewrites only that window.
 
-    A full-length update (the first step, or a refresh) stores the states whole. A shorter update writes its
-    states in place at `window_start` and returns the full buffers, so attention sees every position in
+    A full-length update (the first step, or a refresh) overwrites the buffers whole. A shorter update writes its
+    states in place at `window_start`; both return the full buffers, so attention sees every position in
     sequence order while positions outside the window are neither recomputed nor reallocated. With the window
     at the end this is the reference's prefix cache; with the window on one block of the answer it is the dual
     (prefix + suffix) cache of block decoding.
@@ -23,29 +23,42 @@ class DimpleWindowLayer(DynamicLayer):
         super().__init__()
         self.window_start = 0
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers as long as the first forward, which must feed the whole sequence, kept at fixed addresses.
+
+        Every later forward writes into them in place, and marking the addresses static lets a compiled window step
+        mutate them under CUDA graphs (as transformers' StaticCache does); the full passes that fill them run
+        eagerly, outside any graph."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.zeros_like(key_states, memory_format=torch.contiguous_format)
+        self.values = torch.zeros_like(value_states, memory_format=torch.contiguous_format)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.is_initialized or self.keys.numel() == 0 or key_states.shape[-2] == self.keys.shape[-2]:
-            self.keys, self.values = key_states, value_states
-            return key_states, value_states
-        window_end = self.window_start + key_states.shape[-2]
+        length = key_states.shape[-2]
+        window_start = 0 if length == self.keys.shape[-2] else self.window_start
+        window_end = window_start + length
         if window_end > self.keys.shape[-2]:
             raise ValueError(
-                f"A cached step feeds positions {self.window_start}..{window_end - 1} but the cache holds "
+                f"A cached step feeds positions {window_start}..{window_end - 1} but the cache holds "
                 f"{self.keys.shape[-2]}; run a full forward first or move the window."
             )
-        self.keys[..., self.window_start : window_end, :] = key_states
-        self.values[..., self.window_start : window_end, :] = value_states
+        self.keys[..., window_start:window_end, :] = key_states
+        self.values[..., window_start:window_end, :] = value_states
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         """Positions before the window: where the tokens of a cached forward start."""
-        return self.window_start if self.is_initialized and self.keys.numel() else 0
+        return self.window_start if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Attention always spans the whole sequence, whatever part of it the forward feeds."""
-        if self.is_initialized and self.keys.numel():
+        if self.is_initialized:
             return self.keys.shape[-2], 0
         return query_length, 0
 

@@ -485,8 +485,7 @@ class DimpleGenerationMixin(GenerationMixin):
         want_full_logits = tokens_hook is not None or logits_hook is not None
         answer_index = torch.arange(answer_len, device=sequences.device)
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
-        step_forward = self.compiled_forward(config.compile_config) if config.compile_forward else self
-        gather_after = config.compile_forward and not want_full_logits
+        compiled_model = self.compiled_forward(config.compile_config) if config.compile_forward else None
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -515,7 +514,11 @@ class DimpleGenerationMixin(GenerationMixin):
                     dim=1,
                 )
                 keep = torch.stack([rows, columns + (prompt_len - 1 - start)], dim=1)
-                logits = step_forward(
+                # Passes that fill the cache run eagerly, so its buffers live outside any graph at fixed addresses;
+                # the compiled graph sees static shapes and keeps every logit row, gathered afterwards.
+                compiled = compiled_model is not None and (cache is None or step > 0)
+                gather_after = compiled and not want_full_logits
+                logits = (compiled_model if compiled else self)(
                     inputs_embeds=embeds,
                     attention_mask=attention,
                     position_ids=position_ids[..., start:end],

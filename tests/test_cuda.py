@@ -63,6 +63,22 @@ def test_compiled_steps_give_the_same_tokens_on_cuda(processor, padded_inputs, m
     assert torch.equal(model.generate(**unpadded, **settings), eager)
 
 
+@pytest.mark.parametrize("block_length", [None, 4], ids=["prefix-cache", "dual-cache"])
+def test_reduce_overhead_replays_cached_steps_as_cuda_graphs(processor, padded_inputs, block_length):
+    """No step is skipped by CUDA graphs: windows write only into the cache's static buffers and the passes that
+    fill the cache run eagerly."""
+    from torch._dynamo.utils import counters
+
+    model = cuda_model(processor, "sdpa", torch.float32)
+    unpadded = {key: value[1:] for key, value in padded_inputs.items()}
+    settings = dict(max_new_tokens=16, alg_p_threshold=0.3, block_length=block_length, compile_forward=True,
+                    compile_config=CompileConfig(mode="reduce-overhead"))
+    counters.clear()
+    for _ in range(2):
+        model.generate(**unpadded, **settings)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
 def test_one_host_synchronisation_per_step_on_cuda(processor, padded_inputs):
     """The sampler reads one number per step (masks left) and one per block; nothing else waits for the GPU."""
     model = cuda_model(processor, "sdpa", torch.float32)

@@ -74,6 +74,30 @@ def test_a_window_in_the_middle_sees_the_whole_cached_sequence(model, processor)
     torch.testing.assert_close(window, full[:, start:end], atol=1e-5, rtol=0)
 
 
+def test_cache_buffers_keep_their_addresses_through_windows_and_refreshes(model, processor):
+    """CUDA graphs replay a compiled window step only if the buffers it writes never move: they are marked static
+    and every pass, full or windowed, writes into them in place; a refresh still leaves exactly fresh states."""
+    inputs = encode(processor, ["A question?"], with_image=False)
+    mask_id = model.config.mask_token_id
+    ids = torch.cat([inputs["input_ids"], torch.full((1, 6), mask_id)], dim=1)
+    refreshed_ids = ids.clone()
+    refreshed_ids[:, -6:-3] = torch.tensor([17, 42, 99])
+    positions, _ = model.get_rope_index(ids, None, None)
+    cache = DimpleDiffusionCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions, past_key_values=cache)
+        addresses = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+        cache.set_window(ids.shape[1] - 4)
+        model(input_ids=ids[:, -4:], position_ids=positions[..., -4:], past_key_values=cache)
+        model(input_ids=refreshed_ids, position_ids=positions, past_key_values=cache)
+        fresh = DimpleDiffusionCache(model.config.num_hidden_layers)
+        model(input_ids=refreshed_ids, position_ids=positions, past_key_values=fresh)
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == addresses
+    for layer, fresh_layer in zip(cache.layers, fresh.layers):
+        assert layer.keys._dynamo_static_input_type and layer.values._dynamo_static_input_type
+        assert torch.equal(layer.keys, fresh_layer.keys) and torch.equal(layer.values, fresh_layer.values)
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_blocks_are_decoded_left_to_right(model, processor, use_cache):
     inputs = encode(processor, ["Describe it."])
