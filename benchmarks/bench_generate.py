@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 import transformers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
 from dimple.cache_dimple import DimpleDiffusionCache
@@ -49,7 +49,7 @@ def build(size: str, dtype: torch.dtype, device: str) -> DimpleModel:
                           vision_config={**VISION[size], "out_hidden_size": hidden})
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs, in its dtype: a 7B fp32 copy on the host would cost minutes
-        return DimpleModel._from_config(config, dtype=dtype).eval()
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
 
 
 def build_autoregressive_peer(size: str, dtype: torch.dtype, device: str) -> Qwen2_5_VLForConditionalGeneration:
@@ -65,7 +65,7 @@ def build_autoregressive_peer(size: str, dtype: torch.dtype, device: str) -> Qwe
     )
     torch.manual_seed(0)
     with torch.device(device):
-        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
 
 
 def prompt(model: DimpleModel, image_tokens: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
