@@ -8,7 +8,8 @@ and vision dimensions, decoding the same number of tokens greedily with its KV c
 only. Results are printed and appended to benchmarks/RESULTS.md.
 
     python benchmarks/bench_generate.py --size small --answer 64 256 512
-    python benchmarks/bench_generate.py --size 7b --dtype bfloat16 --answer 64 256 --compile   # on a GPU
+    python benchmarks/bench_generate.py --size 7b --dtype bfloat16 --answer 64 256 --compile \
+        --attn sdpa flash_attention_2   # on a GPU
 """
 
 import argparse
@@ -184,11 +185,16 @@ def per_step(result: dict[str, float]) -> float:
     return (result["total"] - result["first"]) / max(1, result["forwards"] - 1)
 
 
-def whole_step_note(config: DimpleConfig, prompt_len: int, answer: int, results: dict) -> str:
+def attention_tag(attn: str, all_attn: list[str]) -> str:
+    """Mode-name suffix naming the attention implementation, when more than one is timed."""
+    return f" [{attn}]" if len(all_attn) > 1 else ""
+
+
+def whole_step_note(config: DimpleConfig, prompt_len: int, answer: int, results: dict, tag: str = "") -> str:
     """Per-step gain of the prefix cache (first step excluded: it is a full forward in both modes) next to what bounds
     it: the token bound and the FLOP ceiling at the masked rows the LM head saw in that run."""
-    cached = results["prefix cache"]
-    gain = per_step(results["no cache"]) / per_step(cached)
+    cached = results["prefix cache" + tag]
+    gain = per_step(results["no cache" + tag]) / per_step(cached)
     bound = (prompt_len + answer) / (answer + 1)
     ceiling = cache_ceiling(config, prompt_len, answer, cached["rows"])
     return (f"- Whole step, {answer}-token answer: prefix cache {gain:.1f}x cheaper than no cache (token bound "
@@ -218,6 +224,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile modes (meant for a GPU)")
     parser.add_argument("--no-peer", action="store_true", help="skip the autoregressive peer")
     parser.add_argument("--decoder-only", action="store_true", help="only the decoder forward: full vs cached window")
+    parser.add_argument("--attn", nargs="+", default=["sdpa"],
+                        help="attention implementations timed side by side, e.g. sdpa flash_attention_2 (GPU)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -232,20 +240,26 @@ def main() -> None:
     for answer in [] if args.decoder_only else args.answer:
         steps = max(1, answer // args.tokens_per_step)
         results = {}
-        for name, mode in dimple_modes(answer, args.block, args.compile).items():
-            settings = dict(max_new_tokens=answer, steps=steps, alg_p_threshold=None, **mode)
-            warm_up = settings if mode.get("compile_forward") else {**settings, "max_new_tokens": 8, "steps": 2}
-            model.generate(**inputs, **warm_up)
-            results[name] = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs,
-                                  model.config.mask_token_id)
+        for attn in args.attn:
+            model.set_attn_implementation(attn)
+            for name, mode in dimple_modes(answer, args.block, args.compile).items():
+                settings = dict(max_new_tokens=answer, steps=steps, alg_p_threshold=None, **mode)
+                warm_up = settings if mode.get("compile_forward") else {**settings, "max_new_tokens": 8, "steps": 2}
+                model.generate(**inputs, **warm_up)
+                results[name + attention_tag(attn, args.attn)] = timed(
+                    lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs,
+                    model.config.mask_token_id,
+                )
+        model.set_attn_implementation(args.attn[0])
         if peer is not None:
             settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, pad_token_id=0)
             peer.generate(**inputs, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})
             results["AR peer (Qwen2.5-VL, KV cache)"] = timed(
                 lambda clock: peer.generate(**inputs, streamer=clock, **settings), False, args.runs
             )
-        base = results["no cache"]["total"]
-        step_notes.append(whole_step_note(model.config, inputs["input_ids"].shape[1], answer, results))
+        first = attention_tag(args.attn[0], args.attn)
+        base = results["no cache" + first]["total"]
+        step_notes.append(whole_step_note(model.config, inputs["input_ids"].shape[1], answer, results, first))
         peer_total = results.get("AR peer (Qwen2.5-VL, KV cache)", {}).get("total")
         for name, result in results.items():
             peak = f"{result['peak']:.2f}" if result["peak"] is not None else "—"
@@ -257,7 +271,8 @@ def main() -> None:
     size = (f"`{args.size}` = {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters "
             f"({text.num_hidden_layers} layers of width {text.hidden_size}, vocabulary {text.vocab_size})")
     header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, {args.dtype}, {size}, median of {args.runs} run(s), "
+              f"{transformers.__version__}, {args.dtype}, {size}, attention {', '.join(args.attn)}, "
+              f"median of {args.runs} run(s), "
               f"~{args.tokens_per_step} tokens/step by schedule, no threshold, block {args.block}\n\n"
               "| size | prompt tokens | answer | mode | forwards | first step ms | per step ms | total ms | "
               "answer tok/s | peak GiB | speed-up vs no cache | speed vs AR peer |\n"
