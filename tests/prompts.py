@@ -15,3 +15,9 @@ def chat(text: str, images: int = 0) -> list[dict]:
     """One user turn: `images` image placeholders, then the text."""
     content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
+
+
+def text_batch(processor, texts: list[str]):
+    """Single-turn text chats, left-padded into one batch by the processor."""
+    prompts = [processor.apply_chat_template(chat(text), add_generation_prompt=True) for text in texts]
+    return processor(text=prompts, padding="longest", return_tensors="pt")

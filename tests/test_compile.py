@@ -4,17 +4,12 @@ import pytest
 import torch
 from transformers import CompileConfig
 
+from prompts import text_batch
 
 
 @pytest.fixture(scope="module")
 def inputs(processor):
-    texts = ["Hello there.", "What is the answer to this question?"]
-    prompts = [
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}],
-                                      add_generation_prompt=True)
-        for t in texts
-    ]
-    return processor(text=prompts, padding="longest", return_tensors="pt")
+    return text_batch(processor, ["Hello there.", "What is the answer to this question?"])
 
 
 @pytest.mark.parametrize(

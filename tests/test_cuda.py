@@ -9,6 +9,7 @@ from transformers import CompileConfig
 
 from dimple.tiny import build_tiny_processor
 from dimple.tiny_checkpoint import build_tiny_model
+from prompts import text_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,13 +21,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def padded_inputs(processor):
-    texts = ["Hi.", "Tell me what the picture shows, in detail please."]
-    prompts = [
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}],
-                                      add_generation_prompt=True)
-        for t in texts
-    ]
-    return processor(text=prompts, padding="longest", return_tensors="pt").to("cuda")
+    return text_batch(processor, ["Hi.", "Tell me what the picture shows, in detail please."]).to("cuda")
 
 
 def cuda_model(processor, attn_implementation: str, dtype: torch.dtype):
