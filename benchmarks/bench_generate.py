@@ -182,6 +182,7 @@ def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answ
 
 
 def per_step(result: dict[str, float]) -> float:
+    """Mean seconds per step after the first, which is a full pass in every mode."""
     return (result["total"] - result["first"]) / max(1, result["forwards"] - 1)
 
 
