@@ -8,6 +8,8 @@ defaults are omitted, so the defaults below are the original ones, not the 7B va
 from transformers import PreTrainedConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
+from .compat_dimple import CACHE_ARG
+
 
 class DimpleVisionConfig(Qwen2_5_VLVisionConfig):
     """The Qwen2.5-VL vision tower's configuration with the defaults Dimple was released with.
@@ -50,7 +52,7 @@ class DimpleConfig(PreTrainedConfig):
     """
 
     model_type = "dimple"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_ARG]
     sub_configs = {"vision_config": DimpleVisionConfig}
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",

@@ -522,7 +522,7 @@ class DimpleGenerationMixin(GenerationMixin):
                     inputs_embeds=embeds,
                     attention_mask=attention,
                     position_ids=position_ids[..., start:end],
-                    past_key_values=cache,
+                    cache=cache,
                     logits_to_keep=0 if want_full_logits or gather_after else keep,
                 ).logits
                 forward_passes += 1

@@ -16,29 +16,26 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2RMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .compat_dimple import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs
 from .configuration_dimple import DimpleConfig
 from .generation_utils import DimpleGenerationMixin
 
 
 @dataclass
-class DimpleModelOutput(ModelOutput):
-    """Output of `DimpleModel.forward`.
+class DimpleModelOutput(CausalLMOutputWithPast):
+    """Output of `DimpleModel.forward`: transformers' causal-LM output (whose cache field is named as the installed
+    release names it) plus `rope_deltas`.
 
     `logits[:, i]` predicts token `i + 1` (autoregressive convention kept from the Dream/Qwen initialisation).
     `rope_deltas` (per row: largest M-RoPE position + 1 - sequence length) lets a cached step place new tokens.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
 
 
@@ -106,7 +103,7 @@ class DimplePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["DimpleDecoderLayer", "Qwen2_5_VLVisionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -186,12 +183,13 @@ class DimpleTextModel(DimplePreTrainedModel):
         self.post_init()
 
     @capture_outputs
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
@@ -202,7 +200,7 @@ class DimpleTextModel(DimplePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = text_position_ids(
-                inputs_embeds.shape[:2], attention_mask, past_key_values, inputs_embeds.device
+                inputs_embeds.shape[:2], attention_mask, cache, inputs_embeds.device
             )
         if position_ids.ndim == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
@@ -212,7 +210,7 @@ class DimpleTextModel(DimplePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
@@ -221,18 +219,18 @@ class DimpleTextModel(DimplePreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                **cache_kwargs(cache),
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_kwargs(cache))
 
 
 def text_position_ids(
-    shape: torch.Size, attention_mask: torch.Tensor | None, past_key_values: Cache | None, device: torch.device
+    shape: torch.Size, attention_mask: torch.Tensor | None, cache: Cache | None, device: torch.device
 ) -> torch.LongTensor:
     """1-D positions counting real tokens only (left padding does not shift them), after any cached prefix."""
     batch_size, seq_len = shape
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     if attention_mask is None or attention_mask.ndim != 2:
         return torch.arange(past, past + seq_len, device=device)[None].expand(batch_size, -1)
     positions = attention_mask.long().cumsum(-1) - 1
@@ -404,6 +402,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         return position_ids.to(device), torch.tensor(deltas, device=device).unsqueeze(1)
 
     @can_return_tuple
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -412,7 +411,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         image_grid_thw: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         rope_deltas: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -424,7 +423,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         """One bidirectional pass.
 
         Positions: computed here (M-RoPE from `input_ids`, `image_grid_thw`, `attention_mask`) unless given; with
-        a non-empty `past_key_values` the new tokens continue after the cached prefix using `rope_deltas`.
+        a non-empty `cache` the new tokens continue after the cached prefix using `rope_deltas`.
         `logits_to_keep`: an int keeps the last n positions; a bool (batch, seq) tensor keeps the True positions,
         and a long (n, 2) tensor of (row, position) pairs keeps those (the sampler's form: its size is known on
         the host, so no synchronisation); both return logits of shape (n, vocab), for masked positions only.
@@ -443,14 +442,14 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         if position_ids is None:
             position_ids, rope_deltas = self.resolve_position_ids(
-                input_ids, inputs_embeds, image_grid_thw, attention_mask, past_key_values, rope_deltas
+                input_ids, inputs_embeds, image_grid_thw, attention_mask, cache, rope_deltas
             )
 
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -468,7 +467,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         return DimpleModelOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=rope_deltas,
@@ -480,11 +479,11 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         inputs_embeds: torch.Tensor,
         image_grid_thw: torch.LongTensor | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         rope_deltas: torch.LongTensor | None,
     ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
         """Positions for a forward call that was given none (see `forward`)."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if past > 0:
             if rope_deltas is None:
                 raise ValueError(

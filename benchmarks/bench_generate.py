@@ -171,10 +171,10 @@ def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answ
     with torch.no_grad():
         full = best(lambda: model.model(inputs_embeds=embeds, position_ids=positions))
         cache = DimpleDiffusionCache(model.config.num_hidden_layers)
-        model.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache)
+        model.model(inputs_embeds=embeds, position_ids=positions, cache=cache)
         cache.set_window(prompt_len - 1)
         window = best(lambda: model.model(inputs_embeds=embeds[:, prompt_len - 1 :],
-                                          position_ids=positions[..., prompt_len - 1 :], past_key_values=cache))
+                                          position_ids=positions[..., prompt_len - 1 :], cache=cache))
     bound = (prompt_len + answer) / (answer + 1)
     return (f"Decoder forward alone, {answer}-token answer: full sequence {full * 1e3:.1f} ms, cached window "
             f"{window * 1e3:.1f} ms, {full / window:.1f}x (token bound (P+L)/(L+1) = {bound:.1f}x, "

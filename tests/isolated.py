@@ -2,7 +2,8 @@
 
 The package is editable-installed, so neither `-I` nor a foreign working directory hides it; a meta-path finder
 installed before the script runs refuses `dimple`, so remote-code classes can only come from the checkpoint
-folder (`transformers_modules`), as for a Hub user without the package.
+folder (`transformers_modules`), as for a Hub user without the package. transformers deprecation warnings raised
+from that remote code (or about the renamed cache argument) are errors there, as in the suite.
 """
 
 import os
@@ -18,6 +19,10 @@ class _HideDimple(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
         return None
 sys.meta_path.insert(0, _HideDimple())
+import warnings
+for _category in (FutureWarning, DeprecationWarning):
+    warnings.filterwarnings("error", category=_category, module="transformers_modules")
+warnings.filterwarnings("error", message=".*(past_key_values|cache_params)", category=FutureWarning)
 '''
 
 

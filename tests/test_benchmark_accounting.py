@@ -51,10 +51,10 @@ def test_forward_flops_match_torch_counter_for_full_and_window_forwards(tiny_mod
 
     cache = DimpleDiffusionCache(tiny_model.config.num_hidden_layers)
     with torch.no_grad():
-        tiny_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache)
+        tiny_model(inputs_embeds=embeds, position_ids=positions, cache=cache)
     cache.set_window(window_start)
     window = counted_flops(tiny_model, inputs_embeds=embeds[:, window_start:],
-                           position_ids=positions[..., window_start:], past_key_values=cache, logits_to_keep=rows)
+                           position_ids=positions[..., window_start:], cache=cache, logits_to_keep=rows)
     assert window == bench.forward_flops(tiny_model.config, total - window_start, total, head_rows)
 
 

@@ -63,13 +63,13 @@ def test_a_window_in_the_middle_sees_the_whole_cached_sequence(model, processor)
     with torch.no_grad():
         full = model(
             input_ids=ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"], past_key_values=cache,
+            image_grid_thw=inputs["image_grid_thw"], cache=cache,
         ).logits
         start, end = ids.shape[1] - 8, ids.shape[1] - 3
         cache.set_window(start)
         window = model(
             input_ids=ids[:, start:end], attention_mask=attention_mask, position_ids=position_ids[..., start:end],
-            past_key_values=cache,
+            cache=cache,
         ).logits
     torch.testing.assert_close(window, full[:, start:end], atol=1e-5, rtol=0)
 
@@ -85,13 +85,13 @@ def test_cache_buffers_keep_their_addresses_through_windows_and_refreshes(model,
     positions, _ = model.get_rope_index(ids, None, None)
     cache = DimpleDiffusionCache(model.config.num_hidden_layers)
     with torch.no_grad():
-        model(input_ids=ids, position_ids=positions, past_key_values=cache)
+        model(input_ids=ids, position_ids=positions, cache=cache)
         addresses = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
         cache.set_window(ids.shape[1] - 4)
-        model(input_ids=ids[:, -4:], position_ids=positions[..., -4:], past_key_values=cache)
-        model(input_ids=refreshed_ids, position_ids=positions, past_key_values=cache)
+        model(input_ids=ids[:, -4:], position_ids=positions[..., -4:], cache=cache)
+        model(input_ids=refreshed_ids, position_ids=positions, cache=cache)
         fresh = DimpleDiffusionCache(model.config.num_hidden_layers)
-        model(input_ids=refreshed_ids, position_ids=positions, past_key_values=fresh)
+        model(input_ids=refreshed_ids, position_ids=positions, cache=fresh)
     assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == addresses
     for layer, fresh_layer in zip(cache.layers, fresh.layers):
         assert layer.keys._dynamo_static_input_type and layer.values._dynamo_static_input_type

@@ -62,7 +62,7 @@ def test_cached_step_sees_the_reference_window(ref, case, run, model_for):
     seen = {}
 
     def record(module, args, kwargs):
-        if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+        if kwargs.get("cache") is not None and kwargs["cache"].get_seq_length() > 0:
             seen.setdefault("position_ids", kwargs["position_ids"])
             seen.setdefault("input_len", kwargs["inputs_embeds"].shape[1])
 
@@ -85,8 +85,8 @@ def test_cached_step_sees_the_reference_window(ref, case, run, model_for):
     cache = prefix_cache(model.config.num_hidden_layers, prompt.shape[1] - 1)
     with torch.no_grad():
         first = model(input_ids=full, attention_mask=mask, pixel_values=inputs.get("pixel_values"),
-                      image_grid_thw=inputs.get("image_grid_thw"), past_key_values=cache)
-        step1 = model(input_ids=window_ids, attention_mask=mask, past_key_values=cache, rope_deltas=first.rope_deltas)
+                      image_grid_thw=inputs.get("image_grid_thw"), cache=cache)
+        step1 = model(input_ids=window_ids, attention_mask=mask, cache=cache, rope_deltas=first.rope_deltas)
     expected = ref.tensors[run["tensors"]["step1.logits"]]
     tolerance = max(1e-4, 3 * case["forward"]["float64_model_max_abs_logit_diff"])
     torch.testing.assert_close(step1.logits, expected, atol=tolerance, rtol=0)
