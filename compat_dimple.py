@@ -27,17 +27,19 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
 def accepts_legacy_cache_name(forward: Callable) -> Callable:
     """Let a `forward(..., cache=...)` also take `past_key_values=`, the name callers used before 5.24.
 
-    On releases that already say `cache` this is transformers' own deprecation (a FutureWarning that names the
-    new keyword); on older releases `past_key_values` is still the current name and is taken silently.
+    On releases that already say `cache` the old name gets transformers' own deprecation (a FutureWarning naming the
+    new keyword); on older releases it is still the current name and is taken silently. Both at once is an error
+    everywhere: which one was meant cannot be known.
     """
-    if CACHE_ARG == "cache":
-        return deprecate_kwarg(LEGACY_CACHE_ARG, "5.40.0", new_name="cache")(forward)
+    renamed = deprecate_kwarg(LEGACY_CACHE_ARG, "5.40.0", new_name="cache")(forward) if CACHE_ARG == "cache" else None
 
     @functools.wraps(forward)
     def forward_with_legacy_name(*args, **kwargs):
         if LEGACY_CACHE_ARG in kwargs:
             if kwargs.get("cache") is not None:
                 raise ValueError("Pass the key/value cache once, as `cache=` (not also as `past_key_values=`).")
+            if renamed is not None:
+                return renamed(*args, **kwargs)
             kwargs["cache"] = kwargs.pop(LEGACY_CACHE_ARG)
         return forward(*args, **kwargs)
 
