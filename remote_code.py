@@ -6,14 +6,21 @@ following their relative imports, as `trust_remote_code` loading does) next to t
 `auto_map` at them, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` runs this code. Every other
 config field and the weight files stay as they are; with `out`, a new folder is made whose unchanged files are
 symlinks to the snapshot's.
+
+Nothing is ever half-written: every new file is first written and synced next to its target, and only when all of
+them are on disk are they moved into place (`os.replace`); a new `out` folder is built under a temporary name and
+renamed when complete. A failure before that point (full disk, permissions, a kill) leaves the snapshot as it was.
 """
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .atomic_write import fsync_folder, stage
 from .configuration_dimple import DimpleConfig
 from .image_processing_dimple import DimpleImageProcessor
 from .modeling_dimple import DimpleModel
@@ -22,6 +29,10 @@ from .tokenization_dimple import DimpleTokenizer
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+class InstallError(ValueError):
+    """A problem with the user's folders or file system (not a bug): the command line prints it as one line."""
 
 
 def reference(cls: type) -> str:
@@ -51,6 +62,19 @@ def code_files() -> list[Path]:
     return sorted(files)
 
 
+def read_json_object(path: Path) -> dict:
+    """A config file's JSON object; anything else (bad JSON, a list, bad encoding) is refused by name."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InstallError(f"{path} is not valid JSON ({error}); re-download the checkpoint.") from error
+    if not isinstance(values, dict):
+        raise InstallError(
+            f"{path} holds a JSON {type(values).__name__}, not an object; re-download the checkpoint."
+        )
+    return values
+
+
 def updated_configs(folder: Path) -> dict[str, dict]:
     """The config files of `folder` that name classes, with our auto_map entries merged in (others unchanged)."""
     processor, image_processor = reference(DimpleProcessor), reference(DimpleImageProcessor)
@@ -67,14 +91,11 @@ def updated_configs(folder: Path) -> dict[str, dict]:
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); re-download the checkpoint.") from error
-        values["auto_map"] = {**values.get("auto_map", {}), **entries}
+        values = read_json_object(path)
+        values["auto_map"] = {**(values.get("auto_map") or {}), **entries}
         if nested_image_entries and isinstance(values.get("image_processor"), dict):
             nested = values["image_processor"]
-            nested["auto_map"] = {**nested.get("auto_map", {}), **nested_image_entries}
+            nested["auto_map"] = {**(nested.get("auto_map") or {}), **nested_image_entries}
         configs[name] = values
     return configs
 
@@ -82,57 +103,94 @@ def updated_configs(folder: Path) -> dict[str, dict]:
 def check_snapshot(folder: Path) -> None:
     """Refuse folders that are not Dimple checkpoints, naming what is missing."""
     if not folder.is_dir():
-        raise ValueError(f"checkpoint folder not found: {folder}; download it first, e.g. `hf download "
-                         "rp-yu/Dimple-7B --local-dir Dimple-7B`.")
+        raise InstallError(f"checkpoint folder not found: {folder}; download it first, e.g. `hf download "
+                           "rp-yu/Dimple-7B --local-dir Dimple-7B`.")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{folder} has no config.json; pass the folder that holds the checkpoint's files.")
-    try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error}); re-download the checkpoint.") from error
+        raise InstallError(f"{folder} has no config.json; pass the folder that holds the checkpoint's files.")
+    model_type = read_json_object(config_path).get("model_type")
     if model_type != DimpleConfig.model_type:
-        raise ValueError(f"{folder} holds a {model_type!r} checkpoint, not a Dimple one (model_type 'dimple').")
+        raise InstallError(f"{folder} holds a {model_type!r} checkpoint, not a Dimple one (model_type 'dimple').")
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        raise ValueError(f"{folder} has no weight files (*.safetensors or *.bin); the download is incomplete.")
+        raise InstallError(f"{folder} has no weight files (*.safetensors or *.bin); the download is incomplete.")
 
 
-def write_file(path: Path, text: str) -> None:
-    """Write a regular file, replacing a symlink rather than writing through it (Hub cache blobs stay intact)."""
-    if path.is_symlink():
-        path.unlink()
-    path.write_text(text, encoding="utf-8")
+def output_folder(snapshot: Path, out: str | os.PathLike) -> Path:
+    """The resolved `--out` folder: new or empty, and outside the snapshot (inside, its symlinks would loop)."""
+    target = Path(out).expanduser().resolve()
+    if target.is_relative_to(snapshot):
+        raise InstallError(
+            f"output folder {target} is inside the checkpoint folder {snapshot}; choose a folder outside it."
+        )
+    if target.exists() and not target.is_dir():
+        raise InstallError(f"output folder {target} is a file; choose a new folder.")
+    if target.is_dir() and any(target.iterdir()):
+        raise InstallError(f"output folder {target} exists and is not empty; choose a new folder.")
+    return target
+
+
+def new_files(configs: dict[str, dict]) -> dict[str, bytes]:
+    """Name -> contents of every file the switch writes: our code files and the updated configs."""
+    contents = {source.name: source.read_bytes() for source in code_files()}
+    for name, values in configs.items():
+        contents[name] = (json.dumps(values, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return contents
+
+
+def switch_in_place(folder: Path, contents: dict[str, bytes]) -> list[Path]:
+    """Write every file next to its target first; only when all are synced, move them into place."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in contents.items():
+            staged.append((stage(folder / name, data), folder / name))
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, target in staged:
+        os.replace(temporary, target)
+    fsync_folder(folder)
+    return [target for _, target in staged]
+
+
+def build_new_folder(snapshot: Path, target: Path, contents: dict[str, bytes]) -> list[Path]:
+    """Build the new folder under a temporary name beside `target` (new files plus symlinks to the snapshot's
+    other files), then rename it into place, so `target` is either absent/empty or complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for entry in sorted(snapshot.iterdir()):
+            if entry.name not in contents:
+                (building / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        for name, data in contents.items():
+            os.replace(stage(building / name, data), building / name)
+        fsync_folder(building)
+        os.replace(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    fsync_folder(target.parent)
+    return [target / name for name in contents]
 
 
 def install_code(snapshot: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write our remote code and auto_map entries into `snapshot`, or into a new folder `out`.
 
     With `out`, every file of the snapshot that is not rewritten (weights, tokenizer files, ...) becomes a
-    symlink to the original. Returns the files written.
+    symlink to the original. Returns the files written. Every refusal and file-system error is an `InstallError`
+    naming the path; on an error the snapshot is left as it was.
     """
     snapshot = Path(snapshot).expanduser().resolve()
     check_snapshot(snapshot)
-    target = snapshot
-    configs = updated_configs(snapshot)
-    code = code_files()
-    if out is not None and Path(out).expanduser().resolve() != snapshot:
-        target = Path(out).expanduser().resolve()
-        if target.exists() and any(target.iterdir()):
-            raise ValueError(f"output folder {target} exists and is not empty; choose a new folder.")
-        target.mkdir(parents=True, exist_ok=True)
-        rewritten = set(configs) | {path.name for path in code}
-        for entry in sorted(snapshot.iterdir()):
-            if entry.name not in rewritten:
-                (target / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-
-    written = []
-    for source in code:
-        destination = target / source.name
-        if destination.is_symlink():
-            destination.unlink()
-        shutil.copyfile(source, destination)
-        written.append(destination)
-    for name, values in configs.items():
-        write_file(target / name, json.dumps(values, indent=2, ensure_ascii=False) + "\n")
-        written.append(target / name)
-    return written
+    target = None if out is None or Path(out).expanduser().resolve() == snapshot else output_folder(snapshot, out)
+    try:
+        contents = new_files(updated_configs(snapshot))
+        if target is None:
+            return switch_in_place(snapshot, contents)
+        return build_new_folder(snapshot, target, contents)
+    except OSError as error:
+        where = error.filename or target or snapshot
+        raise InstallError(
+            f"cannot write {where}: {error.strerror or error}; nothing was switched (check free space and "
+            "permissions), then run the command again."
+        ) from error

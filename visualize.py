@@ -3,7 +3,7 @@
 `generate(..., output_history=True, return_dict_in_generate=True)` records the sequence after every step; these
 pure functions turn that history into an animated GIF (Pillow, one frame per step) or a self-contained HTML page
 (inline CSS/JS, a slider over steps). Masks are grey, tokens fixed by a structure prior are blue and underlined,
-tokens committed at the step shown are highlighted.
+tokens committed at the step shown are highlighted. Files are replaced atomically (never left half-written).
 """
 
 import html
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic_write import replacing, write_atomically
 
 MASK_FILL = (205, 205, 205)
 NEW_FILL = (255, 224, 102)
@@ -165,7 +167,10 @@ def render_gif(
                 draw.line((left + 2, box[3] - 1, box[2] - 2, box[3] - 1), fill=PRIOR_INK, width=2)
         images.append(image)
     path = Path(path)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0, disposal=1)
+    with replacing(path) as temporary:
+        images[0].save(
+            temporary, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0, disposal=1
+        )
     return path
 
 
@@ -235,5 +240,5 @@ def render_html(
         + f"\n<script>{HTML_SCRIPT}</script>\n</body></html>\n"
     )
     if path is not None:
-        Path(path).write_text(page, encoding="utf-8")
+        write_atomically(path, page)
     return page

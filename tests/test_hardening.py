@@ -7,6 +7,7 @@ errors" table. Errors raised by `generate` must come before any forward pass.
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -352,3 +353,164 @@ def test_greedy_modes_ignore_the_seed(model, text_batch, mode):
         torch.manual_seed(seed)
         outputs.append(model.generate(**text_batch, max_new_tokens=10, steps=5, **mode))
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+# --- configs that make no sense -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"num_attention_heads": 0}, ValueError, r"config.num_attention_heads must lie in \[1, 1024\], got 0"),
+        ({"hidden_size": "64"}, TypeError, r"config.hidden_size must be an integer, got '64' \(str\)"),
+        ({"vocab_size": -5}, ValueError, r"config.vocab_size must lie in \[1, 16777216\], got -5"),
+        ({"num_hidden_layers": -1}, ValueError, r"config.num_hidden_layers must lie in \[1, 1024\], got -1"),
+        ({"num_hidden_layers": 100000}, ValueError, r"num_hidden_layers must lie in \[1, 1024\], got 100000"),
+        ({"num_attention_heads": 3}, ValueError, r"hidden_size \(64\) must be divisible by num_attention_heads"),
+        ({"intermediate_size": 2**18, "hidden_size": 2**16, "num_attention_heads": 1024, "num_key_value_heads": 8,
+          "mrope_section": [8, 12, 12], "num_hidden_layers": 1024}, ValueError, r"about [\d,]+B parameters"),
+        ({"vision_config": {"depth": 0}}, ValueError, r"vision_config.depth must lie in \[1, 1024\], got 0"),
+        ({"vision_config": {"num_heads": 3}}, ValueError, "vision_config.hidden_size .* divisible by"),
+        ({"mask_token_id": 600}, ValueError, r"config.mask_token_id=600 lies outside the vocabulary \[0, 512\)"),
+        ({"mask_token_id": -1}, ValueError, r"config.mask_token_id=-1 lies outside the vocabulary"),
+        ({"mask_token_id": "<|mask|>"}, TypeError, "config.mask_token_id must be an integer token id"),
+        ({"mask_token_id": 480}, ValueError, r"config.mask_token_id \(480\) equals config.pad_token_id"),
+        ({"eos_token_id": [480, 488]}, ValueError, r"mask_token_id \(488\) equals config.eos_token_id"),
+    ],
+)
+def test_config_values_that_make_no_sense(processor, overrides, error, message):
+    from dimple.tiny_checkpoint import tiny_config
+
+    with pytest.raises(error, match=message):
+        tiny_config(processor, **overrides)
+
+
+def test_config_edited_after_construction_is_checked_before_any_module_is_built(processor):
+    from dimple.tiny_checkpoint import tiny_config
+
+    config = tiny_config(processor)
+    config.num_hidden_layers = 100000
+    with pytest.raises(ValueError, match="num_hidden_layers must lie in"):
+        DimpleModel(config)
+
+
+def test_config_file_without_vision_config(tmp_path):
+    from dimple import DimpleConfig
+
+    (tmp_path / "config.json").write_text('{"model_type": "dimple", "hidden_size": 64}')
+    with pytest.raises(ValueError, match="The Dimple config has no vision_config"):
+        DimpleConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="The Dimple config has no vision_config"):
+        DimpleModel.from_pretrained(tmp_path)
+
+
+def test_truncated_tokenizer_file_is_named(tmp_path):
+    import shutil
+
+    from dimple import DimpleProcessor
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(BUNDLED_CHECKPOINT, folder)
+    data = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(data[:4096])
+    with pytest.raises(ValueError, match=r"tokenizer.json is not valid JSON .*truncated or corrupt; re-download"):
+        DimpleProcessor.from_pretrained(folder)
+
+
+def test_absurd_num_return_sequences_is_refused_before_allocating(model, text_batch, no_forward):
+    with pytest.raises(ValueError, match=r"num_return_sequences=10000000 is above 1024"):
+        model.generate(**text_batch, num_return_sequences=10**7, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    ("mask_token_id", "message"),
+    [
+        ("pad", r"mask_token_id \(\d+\) equals pad_token_id"),
+        (512, r"mask_token_id must be a token id inside the vocabulary \[0, 512\), got 512"),
+        (-1, r"inside the vocabulary \[0, 512\), got -1"),
+    ],
+)
+def test_mask_token_id_given_to_generate(model, text_batch, mask_token_id, message, no_forward):
+    mask = model.config.pad_token_id if mask_token_id == "pad" else mask_token_id
+    with pytest.raises(ValueError, match=message):
+        model.generate(**text_batch, mask_token_id=mask, max_new_tokens=4)
+
+
+def test_nan_logits_are_reported(processor, text_batch, caplog):
+    """A warning, not an error: decoding cannot stop mid-loop without a host sync per step, and the output (other
+    rows of a batch may be fine) is still returned for inspection. NaN weights are refused at load instead."""
+    from transformers.utils import logging
+
+    broken = build_tiny_model(processor)
+    with torch.no_grad():
+        broken.model.norm.weight[3] = float("nan")
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            broken.generate(**text_batch, max_new_tokens=6, steps=3, alg_p_threshold=None)
+    finally:
+        logging.disable_propagation()
+    assert "The logits held NaN or inf at 3 of 3 step(s)" in caplog.text
+
+
+# --- one way to read a picture ------------------------------------------------------------------------------
+
+
+def sideways_jpeg(path) -> None:
+    """A 84x56 picture stored sideways with EXIF orientation 6 (rotate 90° clockwise to view)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture(84, 56).save(path, exif=exif, quality=95)
+
+
+def transparent_png(path) -> None:
+    """Opaque shapes on a fully transparent background whose hidden colour is black."""
+    pixels = np.zeros((56, 84, 4), dtype=np.uint8)
+    pixels[10:40, 20:60] = (200, 30, 30, 255)
+    pixels[30:50, 50:80] = (20, 40, 210, 128)
+    Image.fromarray(pixels, mode="RGBA").save(path)
+
+
+def sixteen_bit_png(path) -> None:
+    ramp = (np.arange(56 * 84, dtype=np.uint32).reshape(56, 84) * 65535 // (56 * 84 - 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+
+
+def pixels_by_every_route(processor, path) -> list[torch.Tensor]:
+    """pixel_values for the same file as a path, a URL-less string, bytes, a user-opened PIL image, and the CLI."""
+    from dimple.cli import load_images
+
+    routes = [str(path), path.read_bytes(), Image.open(path), load_images([str(path)])[0]]
+    return [processor.image_processor(images=[route], return_tensors="pt")["pixel_values"] for route in routes]
+
+
+@pytest.mark.parametrize("make", [sideways_jpeg, transparent_png, sixteen_bit_png])
+def test_a_picture_reads_the_same_by_every_route(processor, tmp_path, make):
+    path = tmp_path / f"picture.{'jpg' if make is sideways_jpeg else 'png'}"
+    make(path)
+    first, *others = pixels_by_every_route(processor, path)
+    assert all(torch.equal(first, other) for other in others)
+
+
+def test_exif_orientation_alpha_and_16_bit_are_applied(tmp_path):
+    from dimple.image_processing_dimple import load_image
+
+    sideways_jpeg(tmp_path / "sideways.jpg")
+    assert load_image(tmp_path / "sideways.jpg").size == (56, 84)  # upright: width and height swapped
+    transparent_png(tmp_path / "transparent.png")
+    rgb = np.asarray(load_image(tmp_path / "transparent.png"))
+    assert tuple(rgb[0, 0]) == (255, 255, 255)  # transparent background composited on white, not black
+    assert tuple(rgb[20, 30]) == (200, 30, 30)
+    assert tuple(rgb[45, 70]) == (137, 147, 232)  # half-transparent blue over white
+    sixteen_bit_png(tmp_path / "grey16.png")
+    grey = np.asarray(load_image(tmp_path / "grey16.png"))[..., 0]
+    assert grey[0, 0] == 0 and grey[-1, -1] == 255 and 120 <= grey[28, 42] <= 135  # scaled, not clipped to white
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("missing.png", r"Image file not found: .*missing.png"), (".", "is a folder, not an image file")],
+)
+def test_missing_path_or_folder_as_image(processor, tmp_path, name, message):
+    with pytest.raises(ValueError, match=message):
+        encode(processor, [("Look.", 1)], images=[str(tmp_path / name)])

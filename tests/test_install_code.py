@@ -7,6 +7,7 @@ the folder through the Auto classes and gets our classes from the folder, with t
 
 import hashlib
 import json
+import resource
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import user_error_line
 from isolated import run_without_dimple
 
 from dimple.remote_code import code_files, install_code
@@ -181,32 +183,157 @@ def test_the_switched_folder_would_fail_without_the_command(released_repo, tmp_p
     assert result.returncode != 0 and "transformers 4.46 remote code" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing", "checkpoint folder not found"),
-        ("not_dimple", "not a Dimple one"),
-        ("no_weights", "has no weight files"),
-        ("out_not_empty", "exists and is not empty"),
-    ],
-)
-def test_install_code_user_errors(tmp_path, case, message):
+USER_ERRORS = {
+    "missing": "checkpoint folder not found",
+    "not_dimple": "not a Dimple one",
+    "no_weights": "has no weight files",
+    "out_not_empty": "exists and is not empty",
+    "config_is_a_list": "config.json holds a JSON list, not an object",
+    "tokenizer_config_is_a_list": "tokenizer_config.json holds a JSON list, not an object",
+    "out_is_a_file": "is a file; choose a new folder",
+    "out_inside_the_snapshot": "is inside the checkpoint folder",
+}
+
+
+def user_error_folder(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    """A checkpoint folder (and --out arguments) that the command must refuse for `case`."""
     folder = tmp_path / "checkpoint"
-    out_args = []
+    out_args: list[str] = []
     if case != "missing":
         folder.mkdir()
         model_type = "llama" if case == "not_dimple" else "dimple"
-        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        config = [{"model_type": model_type}] if case == "config_is_a_list" else {"model_type": model_type}
+        (folder / "config.json").write_text(json.dumps(config))
         if case != "no_weights":
             (folder / "model.safetensors").write_bytes(b"weights")
+    if case == "tokenizer_config_is_a_list":
+        (folder / "tokenizer_config.json").write_text("[]")
     if case == "out_not_empty":
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "file.txt").write_text("x")
         out_args = ["--out", str(tmp_path / "busy")]
+    if case == "out_is_a_file":
+        (tmp_path / "a_file").write_text("x")
+        out_args = ["--out", str(tmp_path / "a_file")]
+    if case == "out_inside_the_snapshot":
+        out_args = ["--out", str(folder / "sub")]
+    return folder, out_args
+
+
+def test_install_code_user_errors(tmp_path):
+    """Each refusal is one line with exit code 2, and nothing in the folder changed (no symlink loop either)."""
+    running = []
+    for case, message in USER_ERRORS.items():
+        case_path = tmp_path / case
+        case_path.mkdir()
+        folder, out_args = user_error_folder(case_path, case)
+        before = snapshot_state(folder) if folder.exists() else {}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dimple", "install-code", str(folder), *out_args],
+            cwd=case_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        running.append((case, message, folder, before, process))
+    for case, message, folder, before, process in running:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (case, stderr[-2000:])
+        assert message in user_error_line(stderr), case
+        assert (snapshot_state(folder) if folder.exists() else {}) == before, case
+
+
+def snapshot_state(folder: Path) -> dict[str, tuple[bool, bytes | str]]:
+    """Every entry of a folder: whether it is a symlink, and its target or bytes."""
+    return {
+        path.name: (True, str(path.readlink())) if path.is_symlink() else (False, path.read_bytes())
+        for path in sorted(folder.iterdir())
+        if path.is_symlink() or path.is_file()
+    }
+
+
+def limit_file_size(limit: int):
+    """A preexec_fn: writes beyond `limit` bytes fail with EFBIG (Python ignores SIGXFSZ), like a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("into_new_folder", [False, True])
+def test_a_failing_write_leaves_the_snapshot_as_it_was(released_repo, tmp_path, into_new_folder):
+    folder, _ = released_repo
+    blobs = tmp_path / "blobs"
+    before, blob_bytes = snapshot_state(folder), snapshot_state(blobs)
+    out_args = ["--out", str(tmp_path / "switched")] if into_new_folder else []
     result = subprocess.run(
         [sys.executable, "-m", "dimple", "install-code", str(folder), *out_args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(4096),
     )
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "cannot write" in user_error_line(result.stderr) and "File too large" in result.stderr
+    assert snapshot_state(folder) == before and snapshot_state(blobs) == blob_bytes
+    assert not (tmp_path / "switched").exists()
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".switched")]
+
+
+KILL_AT_EVERY_STEP = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    from pathlib import Path
+    from dimple.remote_code import install_code
+
+    template, work = Path(sys.argv[1]), Path(sys.argv[2])
+    CHANGES = {"os.rename", "os.remove", "os.symlink", "os.truncate", "os.mkdir", "shutil.copyfile"}
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+
+    def changes_files(event, args):
+        if event == "open":
+            mode, flags = args[1], args[2]
+            return (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
+        return event in CHANGES
+
+    def killer(stop_at):
+        seen = [0]
+        def hook(event, args):
+            if changes_files(event, args):
+                seen[0] += 1
+                if seen[0] == stop_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return hook
+
+    for stop_at in range(1, 400):
+        folder = work / f"kill-{stop_at}"
+        shutil.copytree(template, folder, symlinks=True)
+        child = os.fork()
+        if child == 0:
+            sys.addaudithook(killer(stop_at))
+            install_code(folder)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        if os.WIFEXITED(status):
+            print("completed", stop_at)
+            break
+        print("killed", stop_at, flush=True)
+    """
+)
+
+
+def test_kill_at_any_moment_never_leaves_a_broken_file(released_repo, tmp_path):
+    """kill -9 before each file-system change of `install-code` in turn: every JSON file is present and parses,
+    and every code file is whole (the old or the new version), never empty or cut."""
+    folder, _ = released_repo
+    new_code = {source.name: source.read_bytes() for source in code_files()}
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.suffix in (".json", ".py")}
+    work = tmp_path / "runs"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_AT_EVERY_STEP, str(folder), str(work)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = [line for line in result.stdout.splitlines() if line.startswith("killed")]
+    assert len(killed) > 10 and result.stdout.splitlines()[-1].startswith("completed")
+    for run in sorted(work.iterdir()):
+        for name, old in before.items():
+            path = run / name
+            assert path.is_file(), f"{name} missing after {run.name}"
+            data = path.read_bytes()
+            if name.endswith(".json"):
+                assert isinstance(json.loads(data), dict), f"{name} broken after {run.name}"
+            else:
+                assert data in (old, new_code.get(name)), f"{name} cut after {run.name}"

@@ -1,6 +1,9 @@
-"""Safe loading: safetensors only (pickle is an explicit opt-in), no network for local folders, PIL's bomb guard on."""
+"""Safe loading: safetensors only (pickle is an explicit opt-in), no network for local folders, PIL's bomb guard on,
+and strict loading (missing/unexpected keys and NaN/inf weights refused unless `strict=False`)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
+from transformers.utils import logging
 
 from dimple import DimpleModel
 from dimple.tiny import build_tiny_processor
@@ -136,3 +141,81 @@ def test_decompression_bomb_guard_applies_to_processor_inputs(tmp_path, monkeypa
     )
     with pytest.raises(Image.DecompressionBombError):
         processor(text=[text], images=[str(path)], return_tensors="pt")
+
+
+# --- strict loading -----------------------------------------------------------------------------------------
+
+
+def edited_checkpoint(tmp_path: Path, edit_weights=None, edit_config=None) -> Path:
+    """A copy of the bundled checkpoint with its weights and/or config.json changed."""
+    folder = tmp_path / "edited"
+    shutil.copytree(BUNDLED_CHECKPOINT, folder)
+    if edit_weights is not None:
+        weights = load_file(folder / "model.safetensors")
+        edit_weights(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def drop_lm_head(weights: dict) -> None:
+    del weights["lm_head.weight"]
+
+
+def fewer_layers(config: dict) -> None:
+    config["num_hidden_layers"] = 4  # the weights hold 6
+
+
+def more_layers(config: dict) -> None:
+    config["num_hidden_layers"] = 8
+
+
+def larger_vocabulary(config: dict) -> None:
+    config["vocab_size"] = 600  # the weights hold 512 rows
+
+
+def poison(weights: dict) -> None:
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    weights["visual.merger.ln_q.weight"][1] = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("edit_weights", "edit_config", "message"),
+    [
+        (drop_lm_head, None, r"no weights for 1 parameters of the model \(lm_head.weight\)"),
+        (None, fewer_layers, r"holds 24 weights the model has no place for \(model.layers.4.input_layernorm"),
+        (None, more_layers, r"no weights for 24 parameters .*model.layers.6.input_layernorm.weight"),
+        (None, larger_vocabulary, r"2 weights have another shape than the config says \(lm_head.weight, model.embed"),
+        (poison, None, r"2 weight tensors hold NaN or inf .*model.layers.2.mlp.down_proj.weight, visual.merger.ln_q"),
+    ],
+    ids=["no_lm_head", "config_with_fewer_layers", "config_with_more_layers", "config_with_another_vocabulary",
+         "nan_and_inf_weights"],
+)
+@pytest.mark.parametrize("loader", [DimpleModel.from_pretrained, AutoModel.from_pretrained], ids=["dimple", "auto"])
+def test_incomplete_or_non_finite_weights_are_refused(tmp_path, loader, edit_weights, edit_config, message):
+    folder = edited_checkpoint(tmp_path, edit_weights, edit_config)
+    with pytest.raises(ValueError, match=message + r".*strict=False"):
+        loader(folder)
+
+
+def test_strict_false_loads_a_partial_checkpoint_with_a_warning(tmp_path, caplog):
+    """The opt-out for deliberate partial loads, e.g. training a new head."""
+    folder = edited_checkpoint(tmp_path, drop_lm_head)
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            model, info = DimpleModel.from_pretrained(folder, strict=False, output_loading_info=True)
+    finally:
+        logging.disable_propagation()
+    assert info["missing_keys"] == {"lm_head.weight"}
+    assert "lm_head.weight" in caplog.text and "loaded anyway: strict=False" in caplog.text
+    assert model.lm_head.weight.shape == (model.config.vocab_size, model.config.hidden_size)
+
+
+def test_a_complete_checkpoint_reports_nothing_missing():
+    model, info = DimpleModel.from_pretrained(BUNDLED_CHECKPOINT, output_loading_info=True)
+    assert isinstance(model, DimpleModel)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))

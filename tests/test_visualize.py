@@ -1,6 +1,7 @@
 """Denoising pictures: one GIF frame / HTML row per step, masks grey, prior tokens marked, no external assets."""
 
 import re
+import resource
 
 import pytest
 import torch
@@ -93,3 +94,25 @@ def test_bad_inputs_are_refused_clearly(tokenizer):
         render_html(history, tokenizer, prompt_length=3, template=[1, 2])
     with pytest.raises(ValueError, match="same non-empty answer"):
         render_html(history, tokenizer, prompt_length=7)
+
+
+@pytest.mark.parametrize("kind", ["gif", "html"])
+def test_a_failed_write_leaves_the_previous_file_whole(tokenizer, tmp_path, kind):
+    """A write that fails midway (here: a file-size limit, as on a full disk) leaves the old file as it was and no
+    temporary file behind; the old code truncated the file first."""
+    history, _ = handmade_history(tokenizer)
+    path = tmp_path / f"steps.{kind}"
+    old = b"a previous picture " * 1000
+    path.write_bytes(old)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            if kind == "gif":
+                render_gif(path, history * 20, tokenizer, prompt_length=3)
+            else:
+                render_html(history * 20, tokenizer, prompt_length=3, path=path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_bytes() == old
+    assert [entry.name for entry in tmp_path.iterdir()] == [path.name]
