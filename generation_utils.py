@@ -31,10 +31,89 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 PIPELINES = ("dim", "dream")
 # One step is one forward pass; more than this is a typo (or a unit mix-up), never a decoding plan.
 MAX_STEPS = 10_000
+# Every returned sequence is a row of every step's batch; beyond this the canvas alone exhausts memory.
+MAX_RETURN_SEQUENCES = 1024
 TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 VISION_TOKEN_KEYS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id"
 )
+# `do_sample=True` without a temperature samples at transformers' own default temperature.
+DEFAULT_SAMPLING_TEMPERATURE = 1.0
+# Pipeline defaults that only apply when sampling (transformers' pipelines drop them otherwise, too).
+PIPELINE_SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
+                              "eta_cutoff")
+
+# Standard transformers generation settings that diffusion decoding does not implement: each is accepted at None
+# or at the listed values (where it changes nothing) and refused otherwise, naming why.
+BEAM_SEARCH = "beam search (a diffusion step commits tokens in parallel; there are no beams)"
+AUTOREGRESSIVE = "an autoregressive decoding rule (it acts on a left-to-right prefix, which a diffusion canvas has not)"
+ASSISTED = "assisted/speculative decoding (nothing to draft: the canvas is filled in parallel)"
+UNSUPPORTED_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "num_beams": ((1,), BEAM_SEARCH),
+    "num_beam_groups": ((1,), BEAM_SEARCH),
+    "diversity_penalty": ((0.0,), BEAM_SEARCH),
+    "length_penalty": ((1.0,), BEAM_SEARCH),
+    "early_stopping": ((False,), BEAM_SEARCH),
+    "constraints": ((), BEAM_SEARCH),
+    "force_words_ids": ((), BEAM_SEARCH),
+    "low_memory": ((False,), BEAM_SEARCH),
+    "penalty_alpha": ((0.0,), "contrastive search (an autoregressive decoding rule)"),
+    "dola_layers": ((), "DoLa decoding (an autoregressive decoding rule)"),
+    "no_repeat_ngram_size": ((0,), AUTOREGRESSIVE),
+    "encoder_no_repeat_ngram_size": ((0,), "an encoder-decoder rule (Dimple is decoder-only)"),
+    "encoder_repetition_penalty": ((1.0,), "an encoder-decoder rule (Dimple is decoder-only)"),
+    "decoder_start_token_id": ((), "an encoder-decoder setting (Dimple is decoder-only)"),
+    "forced_bos_token_id": ((), AUTOREGRESSIVE),
+    "forced_eos_token_id": ((), AUTOREGRESSIVE),
+    "begin_suppress_tokens": ((), AUTOREGRESSIVE),
+    "exponential_decay_length_penalty": ((), AUTOREGRESSIVE),
+    "sequence_bias": ((), AUTOREGRESSIVE),
+    "min_length": ((0,), "a total-length rule; use min_new_tokens, which diffusion decoding implements"),
+    "max_time": ((), "a time limit (not implemented; bound the work with steps instead)"),
+    "typical_p": ((1.0,), "typical sampling (not implemented; use top_p/top_k)"),
+    "min_p": ((0.0,), "min-p sampling (not implemented; use top_p/top_k)"),
+    "top_h": ((), "top-h sampling (not implemented; use top_p/top_k)"),
+    "epsilon_cutoff": ((0.0,), "epsilon sampling (not implemented; use top_p/top_k)"),
+    "eta_cutoff": ((0.0,), "eta sampling (not implemented; use top_p/top_k)"),
+    "renormalize_logits": ((False,), "logits processors (not implemented)"),
+    "remove_invalid_values": ((False,), "logits processors (not implemented; NaN/inf logits are reported)"),
+    "guidance_scale": ((1.0,), "classifier-free guidance (not implemented)"),
+    "watermarking_config": ((), "watermarking (not implemented)"),
+    "token_healing": ((False,), "token healing (not implemented)"),
+    "output_attentions": ((False,), "per-step attentions (not returned; run the model's forward for them)"),
+    "output_hidden_states": ((False,), "per-step hidden states (not returned; run the model's forward for them)"),
+    "output_logits": ((False,), "per-step logits (not returned; output_scores=True gives per-step confidences)"),
+    "cache_implementation": ((), "transformers' cache types (diffusion decoding uses its own prefix cache)"),
+    "cache_config": ((), "transformers' cache types (diffusion decoding uses its own prefix cache)"),
+    "max_cache_len": ((), "transformers' cache types (diffusion decoding uses its own prefix cache)"),
+    "prefill_chunk_size": ((), "chunked prefill (not implemented)"),
+    "continuous_batching_config": ((), "continuous batching (not implemented)"),
+    "disable_compile": ((False,), "transformers' automatic compilation (use compile_forward)"),
+    "is_assistant": ((False,), ASSISTED),
+    "num_assistant_tokens": ((20,), ASSISTED),
+    "num_assistant_tokens_schedule": (("constant",), ASSISTED),
+    "assistant_confidence_threshold": ((0.4,), ASSISTED),
+    "assistant_lookbehind": ((10,), ASSISTED),
+    "target_lookbehind": ((10,), ASSISTED),
+    "assistant_early_exit": ((), ASSISTED),
+    "assistant_ensemble_weight": ((), ASSISTED),
+    "prompt_lookup_num_tokens": ((), ASSISTED),
+    "max_matching_ngram_size": ((), ASSISTED),
+    "speculation_type": ((), ASSISTED),
+    "use_mtp": ((False,), ASSISTED),
+}
+# Arguments of transformers' generate() (not config fields): accepted when None, False or empty, refused otherwise.
+UNSUPPORTED_GENERATE_ARGUMENTS: dict[str, str] = {
+    "logits_processor": "custom logits processors (use generation_logits_hook_func)",
+    "stopping_criteria": "custom stopping criteria (diffusion decoding stops when no mask is left)",
+    "prefix_allowed_tokens_fn": "prefix-constrained decoding (use response_template)",
+    "assistant_model": ASSISTED,
+    "assistant_tokenizer": ASSISTED,
+    "negative_prompt_ids": "classifier-free guidance (not implemented)",
+    "negative_prompt_attention_mask": "classifier-free guidance (not implemented)",
+    "synced_gpus": "synchronised multi-GPU generation (not implemented)",
+    "custom_generate": "Hub custom_generate code (Dimple's generate is the diffusion decoder)",
+}
 
 logger = logging.get_logger(__name__)
 
@@ -80,7 +159,7 @@ class DimpleGenerationConfig(GenerationConfig):
         self.alg_p_threshold: float | None = kwargs.pop("alg_p_threshold", 0.95)
         self.use_original_confidence: bool = kwargs.pop("use_original_confidence", True)
         self.decoding_pipeline: str = kwargs.pop("decoding_pipeline", "dim")
-        self.temperature: float = kwargs.pop("temperature", 0.0)
+        self.temperature: float | None = kwargs.pop("temperature", None)
         self.do_sample: bool = kwargs.pop("do_sample", False)
         self.top_p: float | None = kwargs.pop("top_p", None)
         self.top_k: int | None = kwargs.pop("top_k", None)
@@ -92,6 +171,14 @@ class DimpleGenerationConfig(GenerationConfig):
         self.num_return_sequences: int = kwargs.pop("num_return_sequences", 1)
         self.return_dict_in_generate: bool = kwargs.pop("return_dict_in_generate", False)
         self.output_history: bool = kwargs.pop("output_history", False)
+        self.output_scores: bool = kwargs.pop("output_scores", False)
+        self.repetition_penalty: float | None = kwargs.pop("repetition_penalty", None)
+        self.bad_words_ids: list[list[int]] | None = kwargs.pop("bad_words_ids", None)
+        self.suppress_tokens: list[int] | None = kwargs.pop("suppress_tokens", None)
+        self.min_new_tokens: int | None = kwargs.pop("min_new_tokens", None)
+        self.stop_strings: str | list[str] | None = kwargs.pop("stop_strings", None)
+        for key in UNSUPPORTED_SETTINGS:
+            setattr(self, key, kwargs.pop(key, None))
         for key in TOKEN_ID_KEYS:
             setattr(self, key, kwargs.pop(key, None))
         self._from_model_config: bool = kwargs.pop("_from_model_config", False)
@@ -112,14 +199,64 @@ class DimpleGenerationConfig(GenerationConfig):
         """What differs from Dimple's defaults (the parent compares with autoregressive ones).
 
         A saved generation_config.json then omits e.g. `temperature=0`, which transformers' loader, reading the
-        file as a plain `GenerationConfig` first, would flag as an invalid greedy setting.
+        file as a plain `GenerationConfig` first, would flag as an invalid greedy setting. `do_sample` and
+        `max_new_tokens` are always included: pipelines read this dict to decide which of their own defaults
+        (sampling at temperature 0.7, 256 new tokens) to add, and Dimple's decoding must follow its own config.
         """
         defaults = DimpleGenerationConfig().to_dict()
+        always = ("transformers_version", "do_sample", "max_new_tokens")
         return {
             key: value
             for key, value in self.to_dict().items()
-            if key == "transformers_version" or key not in defaults or value != defaults[key]
+            if key in always or key not in defaults or value != defaults[key]
         }
+
+    def validate_standard_settings(self) -> None:
+        """transformers' own generation settings: those diffusion decoding implements are checked, the others are
+        accepted only at a value that changes nothing (see `UNSUPPORTED_SETTINGS`), so none is silently ignored."""
+        for key, (neutral, why) in UNSUPPORTED_SETTINGS.items():
+            value = getattr(self, key, None)
+            if value is not None and value not in neutral:
+                allowed = " or ".join(repr(v) for v in (None, *neutral))
+                raise ValueError(
+                    f"{key}={value!r} is not supported by Dimple's diffusion decoding: it belongs to {why}. "
+                    f"Leave {key} at {allowed}."
+                )
+        penalty = self.repetition_penalty
+        if penalty is not None and (
+            isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not 0 < penalty < math.inf
+        ):
+            raise ValueError(f"repetition_penalty must be a positive number (1.0 = off), got {penalty!r}.")
+        min_new = self.min_new_tokens
+        if min_new is not None and (not isinstance(min_new, int) or isinstance(min_new, bool) or min_new < 0):
+            raise ValueError(f"min_new_tokens must be a non-negative integer, got {min_new!r}.")
+        if self.suppress_tokens is not None and not is_id_list(self.suppress_tokens):
+            raise ValueError(f"suppress_tokens must be a list of token ids, got {self.suppress_tokens!r}.")
+        if self.bad_words_ids is not None:
+            if not isinstance(self.bad_words_ids, (list, tuple)) or not all(
+                is_id_list(words) for words in self.bad_words_ids
+            ):
+                raise ValueError(f"bad_words_ids must be a list of lists of token ids, got {self.bad_words_ids!r}.")
+            longer = [list(words) for words in self.bad_words_ids if len(words) != 1]
+            if longer:
+                raise ValueError(
+                    f"bad_words_ids {longer} have several tokens; diffusion decoding bans single tokens only (a "
+                    "token sequence has no left-to-right prefix to block while the canvas is filled in parallel). "
+                    "Pass one-token lists, or a response_template."
+                )
+        stops = self.stop_strings
+        if stops is not None and not (
+            isinstance(stops, str) or (isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops))
+        ):
+            raise ValueError(f"stop_strings must be a string or a list of non-empty strings, got {stops!r}.")
+
+    def effective_temperature(self) -> float:
+        """The sampling temperature decoding uses: as set, else the default sampling one with `do_sample=True`,
+        else 0 (greedy). Dimple samples exactly when this is > 0 (the reference's convention: `temperature=0.2`
+        alone samples)."""
+        if self.temperature is not None:
+            return self.temperature
+        return DEFAULT_SAMPLING_TEMPERATURE if self.do_sample else 0.0
 
     @classmethod
     def from_loaded(cls, loaded: GenerationConfig) -> "DimpleGenerationConfig":
@@ -164,12 +301,21 @@ class DimpleGenerationConfig(GenerationConfig):
                 f"steps={self.steps} is more than any answer needs (each step is a forward pass; at most "
                 f"{MAX_STEPS}); use at most max_new_tokens steps, i.e. one token per step."
             )
+        if self.num_return_sequences > MAX_RETURN_SEQUENCES:
+            raise ValueError(
+                f"num_return_sequences={self.num_return_sequences} is above {MAX_RETURN_SEQUENCES} (each one is a "
+                "batch row of every forward pass); ask for fewer, or call generate several times."
+            )
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must lie in (0, 1), got {self.eps}.")
-        if self.temperature is None or self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
         if self.do_sample and self.temperature == 0:
-            raise ValueError("do_sample=True needs temperature > 0 (Dimple samples exactly when temperature > 0).")
+            raise ValueError(
+                "do_sample=True asks for sampling but temperature=0 is greedy; pass temperature > 0, or leave "
+                f"temperature unset for the default sampling temperature {DEFAULT_SAMPLING_TEMPERATURE}."
+            )
+        self.validate_standard_settings()
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -187,12 +333,16 @@ class DimpleGenerationConfig(GenerationConfig):
 class DimpleGenerationOutput(ModelOutput):
     """Result of `generate(..., return_dict_in_generate=True)`.
 
-    `sequences` holds prompt + answer canvas; `history` one snapshot of it per step (with `output_history`);
+    `sequences` holds prompt + answer canvas (the answer only when generate got `inputs_embeds` without
+    `input_ids`); `history` one snapshot of it per step (with `output_history`); `scores` (with `output_scores`)
+    one (batch, answer_len) float tensor per step: the confidence by which the committing rule ranked each
+    masked position (token probability, margin or negative entropy, per `alg`; -inf where no mask waited);
     `num_forward_passes` the model calls made; `tokens_per_forward` per row, answer tokens committed per call.
     """
 
     sequences: torch.LongTensor | None = None
     history: tuple[torch.LongTensor, ...] | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
     num_forward_passes: int | None = None
     tokens_per_forward: torch.FloatTensor | None = None
 
@@ -357,6 +507,53 @@ def dream_commit(
     return select_most_confident(confidence, masked, counts, config.alg_temp)
 
 
+def token_presence(sequences: torch.LongTensor, counted: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(batch, vocab) bool: which tokens each row holds at its `counted` positions."""
+    index = torch.where(counted, sequences, vocab_size).clamp(max=vocab_size)
+    present = torch.zeros(sequences.shape[0], vocab_size + 1, dtype=torch.bool, device=sequences.device)
+    return present.scatter_(1, index, True)[:, :vocab_size]
+
+
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty (CTRL): logits of tokens already seen are divided by `penalty` when
+    positive and multiplied by it when negative; applied to every masked position of the row."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def forbid_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Set `token_ids` to -inf in the selected rows (min_new_tokens: no stop token before position N)."""
+    if token_ids.numel() == 0:
+        return logits
+    logits = logits.clone()
+    logits[:, token_ids] = logits[:, token_ids].masked_fill(rows[:, None], float("-inf"))
+    return logits
+
+
+def end_at_stop_strings(
+    answers: torch.LongTensor, stop_strings: list[str], tokenizer: Any, fill_id: int
+) -> torch.LongTensor:
+    """Per row, every token after the one that completes the first stop string becomes `fill_id` (EOS), so the
+    answer ends there (decoders and `post_process_image_text_to_text` cut at it); the stop string is kept."""
+    answers = answers.clone()
+    for row in answers:
+        ids = row.tolist()
+        for end in range(1, len(ids) + 1):
+            if any(stop in tokenizer.decode(ids[:end]) for stop in stop_strings):
+                row[end:] = fill_id
+                break
+    return answers
+
+
+def refuse_unsupported_arguments(kwargs: dict[str, Any]) -> None:
+    """Pop transformers' generate() arguments diffusion decoding has no use for; refuse any that would act."""
+    for name, why in UNSUPPORTED_GENERATE_ARGUMENTS.items():
+        value = kwargs.pop(name, None)
+        if value is None or value is False or (isinstance(value, (list, tuple)) and len(value) == 0):
+            continue
+        raise ValueError(f"generate({name}=...) is not supported by Dimple's diffusion decoding: it is {why}.")
+
+
 def answer_lengths(answers: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Per row, the number of answer tokens before the first stop token (EOS, `<|endoftext|>`)."""
     stops = torch.isin(answers, torch.tensor(stop_ids, device=answers.device))
@@ -391,10 +588,29 @@ class DimpleGenerationMixin(GenerationMixin):
         for key in ("mask_token_id", "pad_token_id", "eos_token_id"):
             if getattr(config, key) is None:
                 setattr(config, key, getattr(self.config, key))
-        if config.output_history and not config.return_dict_in_generate:
-            raise ValueError(
-                "output_history=True needs return_dict_in_generate=True (the history lives in the output)."
-            )
+        check_mask_token_id(config, self.config.vocab_size)
+        config.temperature = config.effective_temperature()
+        for flag in ("output_history", "output_scores"):
+            if getattr(config, flag) and not config.return_dict_in_generate:
+                raise ValueError(f"{flag}=True needs return_dict_in_generate=True (the result lives in the output).")
+        return config, model_inputs
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None = None, *args, **kwargs):
+        """What transformers' pipelines (up to 5.2x) call to merge their default generation config with the
+        model's. Dimple's own config and the call's kwargs decide; the pipeline's defaults only fill settings
+        neither sets, and its sampling defaults (temperature 0.7, ...) only when sampling was asked for, so a
+        pipeline decodes as `generate()` would (greedy by default)."""
+        config = copy.deepcopy(self.generation_config)
+        model_inputs = config.update(**kwargs)
+        chosen = set(self.generation_config.to_diff_dict()) | set(kwargs)
+        defaults = generation_config.to_diff_dict() if generation_config is not None else {}
+        for key, value in defaults.items():
+            if key in chosen or key.startswith("_") or key == "transformers_version" or not hasattr(config, key):
+                continue
+            if key in PIPELINE_SAMPLING_SETTINGS and not config.do_sample:
+                continue
+            setattr(config, key, value)
+        config.validate()
         return config, model_inputs
 
     @torch.no_grad()
@@ -410,7 +626,12 @@ class DimpleGenerationMixin(GenerationMixin):
         Args:
             inputs / input_ids: left-padded prompts (batch, prompt_len); `attention_mask`, `pixel_values` and
                 `image_grid_thw` as returned by the processor.
-            generation_config: a `DimpleGenerationConfig`; any of its fields can also be passed as keywords.
+            inputs_embeds: prompt embeddings instead of (or with) `input_ids`; alone, the result holds the answer
+                only. Images already merged into them need `input_ids` and `image_grid_thw` for their positions.
+            generation_config: a `DimpleGenerationConfig` (or a transformers `GenerationConfig`); any of its fields
+                can also be passed as keywords. transformers' settings Dimple does not implement are accepted only
+                at their neutral values (`UNSUPPORTED_SETTINGS`).
+            tokenizer: as in transformers; used to find `stop_strings`.
             streamer: transformers' `TextStreamer`/`TextIteratorStreamer` (final text, batch size 1); a streamer
                 with `put_draft` (e.g. `TextDiffusionStreamer`) also receives the answer canvas after every step.
             response_template: structure prior, ids (answer_len,) or (batch, answer_len): `mask_token_id` marks
@@ -425,19 +646,33 @@ class DimpleGenerationMixin(GenerationMixin):
         tokens_hook: Callable | None = kwargs.pop("generation_tokens_hook_func", None)
         logits_hook: Callable | None = checked_logits_hook(kwargs.pop("generation_logits_hook_func", None))
         template = kwargs.pop("response_template", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        refuse_unsupported_arguments(kwargs)
         length_given_as_total = "max_length" in kwargs and "max_new_tokens" not in kwargs
         config, model_inputs = self.resolve_generation_config(generation_config, kwargs)
         input_ids = inputs if inputs is not None else model_inputs.pop("input_ids", None)
         attention_mask = model_inputs.pop("attention_mask", None)
         pixel_values = model_inputs.pop("pixel_values", None)
         image_grid_thw = model_inputs.pop("image_grid_thw", None)
-        model_inputs.pop("mm_token_type_ids", None)
+        inputs_embeds = model_inputs.pop("inputs_embeds", None)
+        mm_token_type_ids = model_inputs.pop("mm_token_type_ids", None)
         if model_inputs:
             raise TypeError(
-                f"generate() got unexpected keyword arguments {sorted(model_inputs)}. Positions and embeddings are "
-                "computed from input_ids; decoding settings are the fields of DimpleGenerationConfig."
+                f"generate() got unexpected keyword arguments {sorted(model_inputs)}. Positions are computed from "
+                "input_ids; decoding settings are the fields of DimpleGenerationConfig."
             )
+        if config.stop_strings is not None and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer to read the answer: pass tokenizer=processor.tokenizer.")
 
+        # With `inputs_embeds` alone the prompt's tokens are unknown: pad ids stand in for them (attended through
+        # the attention mask, never output), and the result holds the answer only, as transformers returns it.
+        prompt_known = input_ids is not None or inputs_embeds is None
+        if not prompt_known:
+            if tokens_hook is not None or logits_hook is not None:
+                raise ValueError("The generation hooks see prompt tokens; with inputs_embeds, also pass input_ids.")
+            input_ids = torch.full(inputs_embeds.shape[:2], config.pad_token_id, dtype=torch.long)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = self.validate_prompt(input_ids, attention_mask, config.mask_token_id)
         batch_size, prompt_len = input_ids.shape
         canvas = self.initial_canvas(config, template, batch_size, prompt_len, length_given_as_total)
@@ -445,16 +680,19 @@ class DimpleGenerationMixin(GenerationMixin):
         steps = config.steps or answer_len
         total_len = prompt_len + answer_len
 
-        self.validate_image_inputs(input_ids, pixel_values, image_grid_thw)
-        prompt_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            features = self.get_image_features(pixel_values, image_grid_thw)
-            prompt_embeds = self.merge_image_features(input_ids, prompt_embeds, features)
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.to(self.device, self.dtype)
+        prompt_embeds, placeholder_ids = self.embed_inputs(
+            input_ids if prompt_known else None, inputs_embeds, pixel_values, image_grid_thw, mm_token_type_ids,
+            has_position_ids=False,
+        )
+        rope_prompt = input_ids if placeholder_ids is None else placeholder_ids
         sequences = torch.cat([input_ids, canvas], dim=1)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, answer_len)], dim=1)
         if tokens_hook is not None:
             sequences = checked_hook_tokens(tokens_hook(None, sequences, None), sequences, answer_len)
-        position_ids, _ = self.get_rope_index(sequences, image_grid_thw, full_mask)
+        rope_ids = torch.cat([rope_prompt, sequences[:, prompt_len:]], dim=1)
+        position_ids, _ = self.get_rope_index(rope_ids, image_grid_thw, full_mask)
 
         repeats = config.num_return_sequences
         if repeats > 1:
@@ -477,7 +715,13 @@ class DimpleGenerationMixin(GenerationMixin):
         mask_id = config.mask_token_id
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
         banned_ids = [mask_id] + [getattr(self.config, name) for name in VISION_TOKEN_KEYS]
+        banned_ids += list(config.suppress_tokens or []) + [words[0] for words in config.bad_words_ids or []]
         banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
+        stop_ids = torch.tensor(
+            [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)], device=sequences.device
+        )
+        # Repetition penalty counts the real prompt tokens and the committed answer tokens, never padding or masks.
+        known = full_mask.bool() if prompt_known else torch.arange(total_len, device=sequences.device) >= prompt_len
         timesteps = torch.linspace(1, config.eps, block_steps + 1, device=sequences.device)
         masks_at_start = (sequences[:, prompt_len:] == mask_id).sum(dim=1)
         cache = DimpleDiffusionCache(self.config.num_hidden_layers) if config.use_cache else None
@@ -487,9 +731,10 @@ class DimpleGenerationMixin(GenerationMixin):
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
         compiled_model = self.compiled_forward(config.compile_config) if config.compile_forward else None
         if streamer is not None:
-            streamer.put(input_ids.cpu())
+            streamer.put(input_ids.cpu() if prompt_known else input_ids[:, :0].cpu())
 
-        history, forward_passes, unfinished = [], 0, 0
+        history, scores_per_step, forward_passes, unfinished = [], [], 0, 0
+        nonfinite_steps = torch.zeros((), dtype=torch.long, device=sequences.device)  # read once, after the loop
         for block_start in range(0, answer_len, block_len):
             in_block = (answer_index >= block_start) & (answer_index < block_start + block_len)
             masks_initial = ((sequences[:, prompt_len:] == mask_id) & in_block).sum(dim=1)
@@ -536,12 +781,20 @@ class DimpleGenerationMixin(GenerationMixin):
                 else:
                     masked_logits = logits
 
+                nonfinite_steps += has_nonfinite_logits(masked_logits)
+                if config.repetition_penalty not in (None, 1.0):
+                    seen = token_presence(sequences, known & (sequences != mask_id), self.config.vocab_size)
+                    masked_logits = penalize_repetitions(masked_logits, seen[rows], config.repetition_penalty)
+                if config.min_new_tokens:
+                    masked_logits = forbid_tokens(masked_logits, columns < config.min_new_tokens, stop_ids)
                 tokens, original, filtered = propose_tokens(
                     masked_logits.float(), config.temperature, config.top_p, config.top_k, banned
                 )
                 scores = token_confidence(config.alg, original if use_original else filtered, tokens)
                 confidence = torch.full(masked.shape, float("-inf"), device=masked.device)
                 confidence = confidence.index_put((rows, columns), scores)
+                if config.output_scores:
+                    scores_per_step.append(confidence)
                 proposal = canvas.index_put((rows, columns), tokens)
                 if config.decoding_pipeline == "dim":
                     commit = dim_commit(config, step, block_steps, confidence, masked, masks_initial, timesteps)
@@ -562,24 +815,31 @@ class DimpleGenerationMixin(GenerationMixin):
                     break
             unfinished += masks_left
 
+        warn_about_nonfinite_logits(int(nonfinite_steps), forward_passes)
         if unfinished:
             logger.warning(
                 f"{unfinished} <|mask|> token(s) are still in the answer after {block_steps} step(s) per block "
                 f"(alg={config.alg!r}, alg_p_threshold={config.alg_p_threshold}); raise `steps` or enable "
                 "confident decoding to fill every slot."
             )
+        if config.stop_strings is not None:
+            stop_strings = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings
+            sequences[:, prompt_len:] = end_at_stop_strings(
+                sequences[:, prompt_len:], stop_strings, tokenizer, config.pad_token_id
+            )
         if streamer is not None:
             answers = sequences[:, prompt_len:]
-            stops = [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)]
-            keep_len = int(answer_lengths(answers, stops)[0]) if stops else answer_len
+            keep_len = int(answer_lengths(answers, stop_ids.tolist())[0]) if stop_ids.numel() else answer_len
             streamer.put(answers[:, :keep_len].cpu())
             streamer.end()
+        shown = slice(None) if prompt_known else slice(prompt_len, None)
         if not config.return_dict_in_generate:
-            return sequences
+            return sequences[:, shown]
         committed = masks_at_start - (sequences[:, prompt_len:] == mask_id).sum(dim=1)
         return DimpleGenerationOutput(
-            sequences=sequences,
-            history=tuple(history) if config.output_history else None,
+            sequences=sequences[:, shown],
+            history=tuple(snapshot[:, shown] for snapshot in history) if config.output_history else None,
+            scores=tuple(scores_per_step) if config.output_scores else None,
             num_forward_passes=forward_passes,
             tokens_per_forward=committed.float() / max(forward_passes, 1),
         )
@@ -694,6 +954,50 @@ class DimpleGenerationMixin(GenerationMixin):
                 "Put images in the prompt."
             )
         return template.clone()
+
+
+def is_id_list(values: Any) -> bool:
+    """Whether `values` is a list/tuple of token ids (ints, not bools)."""
+    return isinstance(values, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    )
+
+
+def check_mask_token_id(config: "DimpleGenerationConfig", vocab_size: int) -> None:
+    """The mask id fills the canvas and is banned as an answer: it must be a row of the vocabulary, and not EOS or
+    padding (banning those would make every answer run to the full length)."""
+    mask = config.mask_token_id
+    if not isinstance(mask, int) or isinstance(mask, bool) or not 0 <= mask < vocab_size:
+        raise ValueError(
+            f"mask_token_id must be a token id inside the vocabulary [0, {vocab_size}), got {mask!r}; use the "
+            "tokenizer's <|mask|> id (model.config.mask_token_id)."
+        )
+    for key in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, key)
+        if mask == value or (isinstance(value, (list, tuple)) and mask in value):
+            raise ValueError(
+                f"mask_token_id ({mask}) equals {key}; the mask token needs its own id. Use the tokenizer's "
+                "<|mask|> id (model.config.mask_token_id)."
+            )
+
+
+def has_nonfinite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """0-d tensor: whether any row holds NaN or +inf, computed on the device (no host synchronisation).
+
+    A row's float32 sum is NaN or +inf exactly then; -inf (tokens banned by a logits hook) keeps it at -inf."""
+    sums = logits.sum(dim=-1, dtype=torch.float32)
+    return (sums.isnan() | (sums == float("inf"))).any()
+
+
+def warn_about_nonfinite_logits(bad_steps: int, forward_passes: int) -> None:
+    """NaN/inf logits make confidences meaningless and the answer garbage; a warning (not an error) because the
+    other rows of a batch may be fine and the output is still returned for inspection."""
+    if bad_steps:
+        logger.warning(
+            f"The logits held NaN or inf at {bad_steps} of {forward_passes} step(s), so the answer is meaningless. "
+            "Check the weights (load with strict=True, the default, to refuse non-finite weights) and the dtype: "
+            "float16 can overflow where bfloat16 or float32 do not."
+        )
 
 
 def check_total_length(prompt_len: int, answer_len: int, max_positions: int) -> None:

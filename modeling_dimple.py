@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2RMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.utils.generic import can_return_tuple
@@ -25,6 +25,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .compat_dimple import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs
 from .configuration_dimple import DimpleConfig
 from .generation_utils import DimpleGenerationMixin
+from .loading_dimple import check_finite_weights, check_loading_info
 
 
 @dataclass
@@ -113,17 +114,28 @@ class DimplePreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, use_safetensors: bool | None = None,
-        **kwargs,
+        strict: bool = True, **kwargs,
     ):
-        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False`.
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False`, and
+        refusing incomplete or non-finite weights unless `strict=False`.
 
         transformers falls back to pickle files (`pytorch_model.bin`) when a checkpoint has no safetensors, and
-        unpickling can run code; here that fallback is an explicit opt-in for sources the user trusts.
+        unpickling can run code; here that fallback is an explicit opt-in for sources the user trusts. It also
+        leaves parameters without weights randomly initialised and ignores weights without parameters (a config
+        that disagrees with the checkpoint); that is an error here, naming the keys (see `loading_dimple`).
         """
         if use_safetensors is None and kwargs.get("gguf_file") is None:
             refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             use_safetensors = True
-        return super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        if strict:  # shape mismatches are then reported by name below, not as transformers' RuntimeError
+            kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, output_loading_info=True, **kwargs
+        )
+        check_loading_info(pretrained_model_name_or_path, info, strict)
+        check_finite_weights(pretrained_model_name_or_path, model, strict)
+        return (model, info) if wants_info else model
 
     def _apply(self, fn, recurse: bool = True):
         """Cast like any module, except that rotary frequency tables stay float32."""
@@ -246,6 +258,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DimpleConfig):
+        config.validate_architecture()  # again: a config edited after construction must not build absurd modules
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.img_projector = DimpleImageProjector(config)
@@ -273,16 +286,32 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
-        """Vision tower + projector: one row per merged image token, in the order of the image-pad tokens."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower + projector, in transformers' vision-language contract.
+
+        Returns the vision tower's `BaseModelOutputWithPooling` (`last_hidden_state`, and `hidden_states` /
+        `attentions` when asked for with `output_hidden_states` / `output_attentions`) whose `pooler_output` is a
+        tuple with one (tokens, hidden_size) tensor of projected features per image, in the order of the
+        image-pad tokens (`torch.cat` gives the rows to merge). `return_dict=False` gives a tuple.
+        """
         if image_grid_thw is None:
             raise ValueError(
                 "`pixel_values` were given without `image_grid_thw`; pass both, as returned by the processor."
             )
         pixel_values = pixel_values.to(dtype=self.visual.dtype, device=self.visual.device)
         image_grid_thw = image_grid_thw.to(self.visual.device)
-        merged = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
-        return self.img_projector(merged)
+        outputs = self.visual(pixel_values, grid_thw=image_grid_thw, return_dict=True, **kwargs)
+        projected = self.img_projector(outputs.pooler_output)
+        tokens_per_image = (image_grid_thw.prod(dim=-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        outputs.pooler_output = projected.split(tokens_per_image)
+        return outputs
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        """All images' projected features as one (tokens, hidden_size) tensor, ready to merge."""
+        return torch.cat(self.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
 
     def validate_image_inputs(
         self,
@@ -428,21 +457,20 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         and a long (n, 2) tensor of (row, position) pairs keeps those (the sampler's form: its size is known on
         the host, so no synchronisation); both return logits of shape (n, vocab), for masked positions only.
         `labels` gives the autoregressive next-token loss (the diffusion loss lives in the trainer).
-        `mm_token_type_ids` is accepted for processor/pipeline compatibility and not needed.
+        Images: `pixel_values` are always merged. With `inputs_embeds`, the image-pad positions (and the M-RoPE
+        positions) come from `input_ids` when both are passed, else from `mm_token_type_ids` (1 = image token, as
+        the processor returns it), else from the rows equal to the image-pad token's embedding (what embedding
+        `input_ids` gives). Embeddings with images already merged take `input_ids` or `position_ids` plus
+        `image_grid_thw` for their positions.
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("Dimple was not trained on video; pass video frames as individual images instead.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            self.validate_image_inputs(input_ids, pixel_values, image_grid_thw)
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values, image_grid_thw)
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        inputs_embeds, placeholder_ids = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, image_grid_thw, mm_token_type_ids, position_ids is not None
+        )
         if position_ids is None:
             position_ids, rope_deltas = self.resolve_position_ids(
-                input_ids, inputs_embeds, image_grid_thw, attention_mask, cache, rope_deltas
+                placeholder_ids, inputs_embeds, image_grid_thw, attention_mask, cache, rope_deltas
             )
 
         outputs = self.model(
@@ -473,6 +501,61 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             rope_deltas=rope_deltas,
         )
 
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+        mm_token_type_ids: torch.Tensor | None,
+        has_position_ids: bool,
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Input embeddings with the image features merged, and the token ids that place the images.
+
+        Pixels that were passed are never dropped: when their placeholders cannot be found the merge fails with
+        a message naming what to pass.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass `input_ids` or `inputs_embeds`.")
+        if input_ids is not None and inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} describe different "
+                "sequences; pass the embeddings of these ids."
+            )
+        caller_embeds = inputs_embeds is not None
+        if not caller_embeds:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        placeholder_ids = input_ids
+        if placeholder_ids is None and (pixel_values is not None or image_grid_thw is not None):
+            placeholder_ids = self.image_placeholder_ids(inputs_embeds, mm_token_type_ids)
+        if pixel_values is not None or not caller_embeds:
+            self.validate_image_inputs(placeholder_ids, pixel_values, image_grid_thw)
+        elif placeholder_ids is not None and not has_position_ids and image_grid_thw is None:
+            count = int((placeholder_ids == self.config.image_token_id).sum())
+            if count:
+                raise ValueError(
+                    f"The sequence holds {count} image tokens but neither images nor `image_grid_thw` were given, "
+                    "so their M-RoPE positions are unknown; pass `pixel_values` and `image_grid_thw` (or, for "
+                    "embeddings with images already merged, `image_grid_thw` or `position_ids`)."
+                )
+        if pixel_values is not None:
+            features = self.image_embeddings(pixel_values, image_grid_thw)
+            inputs_embeds = self.merge_image_features(placeholder_ids, inputs_embeds, features)
+        return inputs_embeds, placeholder_ids
+
+    def image_placeholder_ids(
+        self, inputs_embeds: torch.Tensor, mm_token_type_ids: torch.Tensor | None
+    ) -> torch.LongTensor:
+        """Token ids standing in for `input_ids` when only embeddings were passed: image-pad ids where the images
+        go, a vision-start id before each image, -1 (no token) elsewhere; enough for the checks and M-RoPE."""
+        if mm_token_type_ids is not None:
+            is_image = mm_token_type_ids.to(inputs_embeds.device) == 1
+        else:
+            image_id = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            image_row = self.get_input_embeddings()(image_id).to(inputs_embeds.dtype)
+            is_image = (inputs_embeds == image_row).all(dim=-1)
+        return placeholder_token_ids(is_image, self.config.image_token_id, self.config.vision_start_token_id)
+
     def resolve_position_ids(
         self,
         input_ids: torch.LongTensor | None,
@@ -493,13 +576,23 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             steps = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
             return (steps[None] + rope_deltas)[None].expand(3, -1, -1), rope_deltas
         if input_ids is None:
-            if image_grid_thw is not None:
-                raise ValueError(
-                    "With `inputs_embeds` and images, pass `position_ids` (from `model.get_rope_index`): image "
-                    "positions cannot be recovered from embeddings."
-                )
             return text_position_ids(inputs_embeds.shape[:2], attention_mask, None, inputs_embeds.device), rope_deltas
         return self.get_rope_index(input_ids, image_grid_thw, attention_mask)
+
+
+def placeholder_token_ids(is_image: torch.Tensor, image_token_id: int, vision_start_token_id: int) -> torch.LongTensor:
+    """(batch, seq) ids from an image-position mask: `image_token_id` where True, `vision_start_token_id` just
+    before each run of image positions (Dimple prompts open every image with it), -1 elsewhere."""
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    if bool(starts[:, 0].any()):
+        raise ValueError(
+            "An image starts the sequence, but Dimple prompts open each image with <|vision_start|>; build the "
+            "prompt with the processor, or pass `input_ids` with the embeddings."
+        )
+    ids = torch.full(is_image.shape, -1, dtype=torch.long, device=is_image.device)
+    ids[:, :-1][starts[:, 1:]] = vision_start_token_id
+    return ids.masked_fill(is_image, image_token_id)
 
 
 DimpleModel.register_for_auto_class("AutoModel")

@@ -3,16 +3,26 @@
 Dimple's multimodal input format is Qwen2-VL's (each ``<|image_pad|>`` is expanded to one token per 2x2
 merged patch group), so we subclass ``Qwen2VLProcessor`` and keep its ``__call__``. Two things differ:
 
-* no video processor: Qwen2-VL's needs torchvision and the Dimple model cannot consume videos anyway
-  (passing videos raises);
+* no video: Qwen2-VL's video processor needs torchvision and the Dimple model cannot consume videos, so the
+  processor declares no video token (generic tooling then treats it as image + text only) and refuses videos;
 * padding is always on the left: the diffusion decoder appends the masked response block after the last
   prompt column, so every prompt of a batch must end there.
 """
 
+import re
 from typing import Any
 
-from transformers.image_utils import make_flat_list_of_images
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput, make_flat_list_of_images
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.processing_utils import ProcessingKwargs, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
+
+from .tokenization_dimple import DimpleTokenizer
+
+# Inserted after the first character of a special-token string found in untrusted text: invisible when the text is
+# shown, and the string no longer matches the tokenizer's added tokens, so it is read as text.
+ZERO_WIDTH_SPACE = "\u200b"
 
 # The chat template the released checkpoint was trained and evaluated with (Qwen2-VL's prompt format,
 # without generation tags). Written out with whitespace control so that only the quoted strings are emitted:
@@ -73,17 +83,86 @@ class DimpleProcessor(Qwen2VLProcessor):
         if chat_template is None:
             chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        # Qwen2-VL declares a video token; Dimple has no video input, so it declares none (see the module docstring).
+        self.video_token = None
+        self.video_token_id = None
         # Released tokenizer configs may say "right" (training padded on the right); generation needs left.
         self.tokenizer.padding_side = "left"
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        """Process images and text; ``videos`` must be ``None``.
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type: str, pretrained_model_name_or_path, **kwargs):
+        """Always this module's `DimpleTokenizer`, never a class named by the folder's tokenizer_config.json auto_map.
 
-        Without a video processor, ``ProcessorMixin`` would silently drop videos and leave each
-        ``<|video_pad|>`` unexpanded, so we refuse them instead.
+        `AutoTokenizer` with `trust_remote_code=True` imports that file even when `import dimple` registered our
+        class (transformers gives a tokenizer's auto_map precedence), so a processor would run a folder's code (or
+        fail on the released repo's 4.46 code) while the model loads the local classes."""
+        kwargs.pop("trust_remote_code", None)
+        return DimpleTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def apply_chat_template(self, conversation, *args, escape_special_tokens: bool = False, **kwargs):
+        """Qwen2-VL's `apply_chat_template`; with `escape_special_tokens=True`, special-token strings inside the
+        messages' text (e.g. a user typing ``<|im_end|>``) stay text instead of becoming control tokens.
+
+        Escaping covers message text only (string content and ``{"type": "text"}`` items), not roles or the
+        template; see `escape_special_tokens`.
         """
-        if videos is not None:
-            raise ValueError("DimpleProcessor does not process videos (Dimple has no video support); pass videos=None.")
+        if escape_special_tokens:
+            conversation = self.escaped_conversation(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+    def escape_special_tokens(self, text: str) -> str:
+        """`text` with every special-token string broken by an invisible U+200B after its first character, so the
+        tokenizer reads it as text: for untrusted text placed into a prompt by hand."""
+        pattern = self.special_token_pattern()
+        while pattern.search(text):  # repeated in case breaking one occurrence uncovered an overlapping one
+            text = pattern.sub(lambda match: match[0][0] + ZERO_WIDTH_SPACE + match[0][1:], text)
+        return text
+
+    def special_token_pattern(self) -> re.Pattern:
+        """Every added token of the tokenizer (control, vision and mask tokens), longest first."""
+        tokens = {token.content for token in self.tokenizer.added_tokens_decoder.values() if len(token.content) > 1}
+        return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
+
+    def escaped_conversation(self, conversation: list) -> list:
+        """A copy of one conversation (or a batch of them) whose message text is escaped."""
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        escaped = [[self.escaped_message(message) for message in messages] for messages in conversations]
+        return escaped if batched else escaped[0]
+
+    def escaped_message(self, message: dict) -> dict:
+        """A copy of `message` whose text content (a string, or the ``text`` of its items) is escaped."""
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": self.escape_special_tokens(content)}
+        if isinstance(content, list):
+            items = [
+                {**item, "text": self.escape_special_tokens(item["text"])}
+                if isinstance(item, dict) and isinstance(item.get("text"), str) else item
+                for item in content
+            ]
+            return {**message, "content": items}
+        return message
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
+        """Process images and text.
+
+        ``videos`` is not a parameter (generic tooling reads the signature to tell which modalities a processor
+        takes), but ``videos=None`` or ``videos=[]`` is accepted as "no video", as harnesses pass it. Real videos
+        are refused: without a video processor ``ProcessorMixin`` would silently drop them and leave each
+        ``<|video_pad|>`` unexpanded.
+        """
+        videos = kwargs.pop("videos", None)
+        if videos is not None and len(videos) > 0:
+            raise ValueError(
+                "DimpleProcessor does not process videos (Dimple has no video support); pass video frames as images "
+                "(one {\"type\": \"image\"} entry each), and videos=None."
+            )
         return super().__call__(images=images, text=text, **kwargs)
 
     def validate_inputs(

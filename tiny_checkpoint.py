@@ -3,7 +3,9 @@ parameters, the tiny tokenizer and processor. Built deterministically (`build_ti
 `python -m dimple.tiny_checkpoint FOLDER`.
 
 The checkpoint bundled with the package (`BUNDLED_CHECKPOINT`, used by the CLI and README) is a trained one,
-made by `python -m dimple.train_tiny`.
+made by `python -m dimple.train_tiny`. It is a complete checkpoint: it carries copies of the remote-code modules its
+auto_maps name, so `trust_remote_code=True` loads it without the package. `python -m dimple.tiny_checkpoint
+--sync-code` refreshes those copies after the package's modules change; a test fails while they differ.
 """
 
 import sys
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .atomic_write import publish_folder, write_atomically
 from .configuration_dimple import DimpleConfig
 from .modeling_dimple import DimpleModel
 from .processing_dimple import DimpleProcessor
+from .remote_code import code_files
 from .tiny import build_tiny_processor, special_token_ids
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "tiny_checkpoint"
@@ -58,16 +62,47 @@ def save_tiny_checkpoint(folder: Path) -> Path:
             "or write the random tiny model to another folder."
         )
     processor = build_tiny_processor()
-    build_tiny_model(processor).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    # The package's own modules serve this folder (importing dimple registers them); copies would go stale.
-    for module in folder.glob("*.py"):
-        module.unlink()
-    return folder
+
+    def write(staging: Path) -> None:
+        build_tiny_model(processor).save_pretrained(staging)
+        processor.save_pretrained(staging)
+        # The package's own modules serve this folder (importing dimple registers them); copies would go stale.
+        for module in staging.glob("*.py"):
+            module.unlink()
+
+    return publish_folder(folder, write)
+
+
+def stale_remote_code(folder: Path = BUNDLED_CHECKPOINT) -> list[str]:
+    """Names of the remote-code files `folder` lacks, holds in another version than the package, or holds
+    although no auto_map needs them."""
+    folder = Path(folder)
+    wanted = {path.name: path for path in code_files()}
+    present = {path.name for path in folder.glob("*.py")}
+    differing = [name for name, source in wanted.items() if name not in present or
+                 (folder / name).read_bytes() != source.read_bytes()]
+    return sorted(differing + sorted(present - set(wanted)))
+
+
+def sync_remote_code(folder: Path = BUNDLED_CHECKPOINT) -> list[Path]:
+    """Copy the package's remote-code modules into `folder` (and drop any others), so that it loads with
+    `trust_remote_code=True` in an interpreter without the package."""
+    folder = Path(folder)
+    wanted = {path.name: path for path in code_files()}
+    for path in folder.glob("*.py"):
+        if path.name not in wanted:
+            path.unlink()
+    for name, source in wanted.items():
+        write_atomically(folder / name, source.read_bytes())
+    return [folder / name for name in sorted(wanted)]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.stderr.write("usage: python -m dimple.tiny_checkpoint FOLDER\n")
+    if sys.argv[1:] == ["--sync-code"]:
+        for written in sync_remote_code():
+            sys.stdout.write(f"{written}\n")
+    elif len(sys.argv) == 2 and not sys.argv[1].startswith("-"):
+        sys.stdout.write(f"{save_tiny_checkpoint(Path(sys.argv[1]))}\n")
+    else:
+        sys.stderr.write("usage: python -m dimple.tiny_checkpoint FOLDER | --sync-code\n")
         sys.exit(2)
-    sys.stdout.write(f"{save_tiny_checkpoint(Path(sys.argv[1]))}\n")

@@ -26,11 +26,12 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 from transformers.utils import logging as transformers_logging
 
+from .atomic_write import publish_folder
 from .generation_utils import DimpleGenerationConfig
 from .modeling_dimple import DimpleModel
 from .processing_dimple import DimpleProcessor
 from .tiny import build_tiny_processor
-from .tiny_checkpoint import BUNDLED_CHECKPOINT, tiny_config
+from .tiny_checkpoint import BUNDLED_CHECKPOINT, sync_remote_code, tiny_config
 from .training import DimpleSFTCollator, DimpleTrainer
 
 IMAGE_SIZE = 84
@@ -146,8 +147,8 @@ def pretrain_vision(
     for step in range(steps):
         images, targets = zip(*(attributes(step * batch_size + i) for i in range(batch_size)))
         vision = processor.image_processor(images=list(images), return_tensors="pt")
-        features = model.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
-        pooled = features.view(batch_size, -1, features.shape[-1]).mean(dim=1)
+        per_image = model.get_image_features(vision["pixel_values"], vision["image_grid_thw"]).pooler_output
+        pooled = torch.stack([features.mean(dim=0) for features in per_image])
         labels = torch.tensor(targets)
         loss = sum(F.cross_entropy(head(pooled), labels[:, i]) for i, head in enumerate(heads))
         loss.backward()
@@ -239,13 +240,16 @@ def train(
 
 
 def save(model: DimpleModel, processor: DimpleProcessor, folder: Path) -> Path:
-    """Weights, configs and tokenizer/processor files; no .py copies (the installed package serves the code)."""
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    for module in folder.glob("*.py"):
-        module.unlink()
-    render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))[0].save(folder / "example.png", optimize=True)
-    return folder
+    """Weights, configs, tokenizer/processor files and the remote-code modules they name (a complete checkpoint).
+    Written beside `folder` first and moved in file by file, so an interrupted save leaves no half-written file."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        sync_remote_code(staging)
+        render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))[0].save(staging / "example.png", optimize=True)
+
+    return publish_folder(folder, write)
 
 
 def main(argv: list[str] | None = None) -> None:

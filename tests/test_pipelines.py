@@ -93,3 +93,40 @@ def test_pipelines_in_a_fresh_process_through_remote_code(tmp_path):
     result = run_without_dimple(script, workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("pipelines ok")
+
+
+def resolved_configs(pipe) -> list:
+    """Spy on the decoding settings each generate call ends up with (after pipeline and model defaults)."""
+    configs = []
+    original = pipe.model.resolve_generation_config
+
+    def spy(*args, **kwargs):
+        config, model_inputs = original(*args, **kwargs)
+        configs.append(config)
+        return config, model_inputs
+
+    pipe.model.resolve_generation_config = spy
+    return configs
+
+
+def test_pipelines_decode_as_the_model_is_configured_unless_asked_to_sample():
+    """Both pipelines follow the model's generation config (greedy, its answer length) instead of adding their own
+    defaults (text-generation: sampling at temperature 0.7; both: 256 new tokens); sampling when asked."""
+    chat_pipe = pipeline("text-generation", model=str(BUNDLED_CHECKPOINT), dtype=torch.float32)
+    configs = resolved_configs(chat_pipe)
+    reply = chat_pipe([{"role": "user", "content": "Hello"}])[0]["generated_text"][-1]["content"]
+    assert (configs[-1].temperature, configs[-1].max_new_tokens) == (0.0, chat_pipe.model.generation_config.max_new_tokens)
+    inputs = chat_pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    direct = chat_pipe.model.generate(**inputs)
+    assert reply == chat_pipe.tokenizer.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    chat_pipe([{"role": "user", "content": "Hello"}], do_sample=True, max_new_tokens=4)
+    assert configs[-1].temperature > 0
+
+    image_pipe = pipeline("image-text-to-text", model=str(BUNDLED_CHECKPOINT), dtype=torch.float32)
+    configs = resolved_configs(image_pipe)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (84, 84), "white")},
+                                             {"type": "text", "text": "Describe the image."}]}]
+    image_pipe(text=messages)
+    assert (configs[-1].temperature, configs[-1].max_new_tokens) == (0.0, image_pipe.model.generation_config.max_new_tokens)
