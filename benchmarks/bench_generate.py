@@ -14,7 +14,9 @@ only. Results are printed and appended to benchmarks/RESULTS.md.
 
 import argparse
 import datetime
+import itertools
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,7 @@ import transformers
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
+from dimple.atomic_write import write_atomically
 from dimple.cache_dimple import DimpleDiffusionCache
 
 
@@ -107,8 +110,10 @@ class StepClock:
 
 
 def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int, mask_token_id: int = -1) -> dict:
-    """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory, and the masked
-    rows the LM head sees per step after the first (masks left by each step but the last)."""
+    """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory, the masked
+    rows the LM head sees per step after the first (masks left by each step but the last), and the median gap
+    between consecutive steps (`median_step`: the typical later step, which a block's occasional refresh pass does
+    not move, unlike the mean)."""
     results = []
     for _ in range(repeats):
         clock = StepClock(diffusion, mask_token_id)
@@ -122,8 +127,10 @@ def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int, mas
         end = time.perf_counter()
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         later_rows = clock.masks_left[:-1]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(clock.stamps)]
         results.append(dict(total=end - start, first=clock.stamps[0] - start, forwards=len(clock.stamps), peak=peak,
-                            rows=sum(later_rows) / max(1, len(later_rows))))
+                            rows=sum(later_rows) / max(1, len(later_rows)),
+                            median_step=statistics.median(gaps) if gaps else clock.stamps[0] - start))
     results.sort(key=lambda result: result["total"])
     return results[len(results) // 2]
 
@@ -212,6 +219,35 @@ def dimple_modes(answer: int, block: int, with_compile: bool) -> dict[str, dict]
     return modes
 
 
+def time_dimple(model: DimpleModel, inputs: dict[str, torch.Tensor], settings: dict, runs: int) -> dict:
+    """`timed` Dimple decoding with `settings`, after a warm-up: the full settings when compiling (so the timed calls
+    replay what the warm-up compiled, and `warm_up` is the compile time), else a short call that only loads kernels."""
+    compiling = bool(settings.get("compile_forward"))
+    warm_up = settings if compiling else {**settings, "max_new_tokens": min(8, settings["max_new_tokens"]), "steps": 2}
+    start = time.perf_counter()
+    model.generate(**inputs, **warm_up)
+    warm_up_seconds = time.perf_counter() - start
+    result = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, runs,
+                   model.config.mask_token_id)
+    return {**result, "warm_up": warm_up_seconds}
+
+
+def time_peer(peer: Qwen2_5_VLForConditionalGeneration, inputs: dict[str, torch.Tensor], answer: int,
+              runs: int) -> dict:
+    """`timed` greedy decoding of exactly `answer` tokens by the autoregressive peer (with its KV cache), after a
+    short warm-up."""
+    settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, pad_token_id=0)
+    peer.generate(**inputs, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})
+    return timed(lambda clock: peer.generate(**inputs, streamer=clock, **settings), False, runs)
+
+
+def append_to_results(path: Path, text: str) -> None:
+    """Append `text` to a results file by replacing it whole (temporary file + `os.replace`), so a run killed while
+    writing leaves the earlier tables intact."""
+    before = path.read_text(encoding="utf-8") if path.exists() else ""
+    write_atomically(path, before + text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=SIZES, default="small")
@@ -245,19 +281,10 @@ def main() -> None:
             model.set_attn_implementation(attn)
             for name, mode in dimple_modes(answer, args.block, args.compile).items():
                 settings = dict(max_new_tokens=answer, steps=steps, alg_p_threshold=None, **mode)
-                warm_up = settings if mode.get("compile_forward") else {**settings, "max_new_tokens": 8, "steps": 2}
-                model.generate(**inputs, **warm_up)
-                results[name + attention_tag(attn, args.attn)] = timed(
-                    lambda clock: model.generate(**inputs, streamer=clock, **settings), True, args.runs,
-                    model.config.mask_token_id,
-                )
+                results[name + attention_tag(attn, args.attn)] = time_dimple(model, inputs, settings, args.runs)
         model.set_attn_implementation(args.attn[0])
         if peer is not None:
-            settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, pad_token_id=0)
-            peer.generate(**inputs, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})
-            results["AR peer (Qwen2.5-VL, KV cache)"] = timed(
-                lambda clock: peer.generate(**inputs, streamer=clock, **settings), False, args.runs
-            )
+            results["AR peer (Qwen2.5-VL, KV cache)"] = time_peer(peer, inputs, answer, args.runs)
         first = attention_tag(args.attn[0], args.attn)
         base = results["no cache" + first]["total"]
         step_notes.append(whole_step_note(model.config, inputs["input_ids"].shape[1], answer, results, first))
@@ -285,8 +312,7 @@ def main() -> None:
                   "tokens, decoder forward only, best of 5\n")
     table = header + "\n".join(rows) + "\n\n" + notes + "\n"
     print(table)
-    with open(Path(__file__).with_name("RESULTS.md"), "a") as results_file:
-        results_file.write(table)
+    append_to_results(Path(__file__).with_name("RESULTS.md"), table)
 
 
 if __name__ == "__main__":
