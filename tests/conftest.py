@@ -20,6 +20,24 @@ from dimple.tokenization_dimple import DimpleTokenizer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class RootIsNotATestPackage:
+    """Collect the repository root as a plain folder, not as a test package.
+
+    pytest imports the `__init__.py` of every package on the way to a test, under the folder's name. The root's
+    `__init__.py` is the `dimple` package itself, whose relative imports resolve only when the checkout folder happens
+    to be a valid module name: in a clone named "Dimple-7B" or "dimple-hf" every test errored at setup. A plugin
+    registered here is global, so it also sees the root, which lies above this conftest.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+        return pytest.Dir.from_parent(parent, path=path) if path == REPO_ROOT else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(RootIsNotATestPackage(), "dimple-root-is-not-a-test-package")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A tiny random Dimple and its processor, built once per test module (generation, decoding modes, compile,
 # hardening tests)
