@@ -1,6 +1,7 @@
 """Print the lowest transformers release pyproject.toml allows, so CI tests the floor the package declares."""
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -9,4 +10,4 @@ requirement = next(dep for dep in dependencies if re.match(r"transformers\b", de
 floor = re.search(r">=\s*([\w.]+)", requirement)
 if floor is None:
     raise SystemExit(f"pyproject.toml's {requirement!r} names no lower bound (>=X) for CI to test.")
-print(floor.group(1))
+sys.stdout.write(floor.group(1) + "\n")
