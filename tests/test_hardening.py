@@ -4,8 +4,12 @@ One test (or one parametrized test) per item of the bad-input audit, in the orde
 errors" table. Errors raised by `generate` must come before any forward pass.
 """
 
+import contextlib
+import functools
+import http.server
 import io
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -476,12 +480,28 @@ def sixteen_bit_png(path) -> None:
     Image.fromarray(ramp).save(path)
 
 
+@contextlib.contextmanager
+def served_folder(folder):
+    """An HTTP server for `folder` on 127.0.0.1 (a free port), stopped on exit."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 def pixels_by_every_route(processor, path) -> list[torch.Tensor]:
-    """pixel_values for the same file as a path, a URL-less string, bytes, a user-opened PIL image, and the CLI."""
+    """pixel_values for the same file as a path, a URL, bytes, a user-opened PIL image, and the CLI."""
     from dimple.cli import load_images
 
-    routes = [str(path), path.read_bytes(), Image.open(path), load_images([str(path)])[0]]
-    return [processor.image_processor(images=[route], return_tensors="pt")["pixel_values"] for route in routes]
+    with served_folder(path.parent) as url:
+        routes = [str(path), f"{url}/{path.name}", path.read_bytes(), Image.open(path), load_images([str(path)])[0]]
+        return [processor.image_processor(images=[route], return_tensors="pt")["pixel_values"] for route in routes]
 
 
 @pytest.mark.parametrize("make", [sideways_jpeg, transparent_png, sixteen_bit_png])

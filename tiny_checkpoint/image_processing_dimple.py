@@ -21,6 +21,7 @@ import base64
 import io
 import os
 import re
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,9 +74,10 @@ def image_bytes(source: str) -> bytes:
     """The encoded picture a string names: a URL's body, a data URI or base64 text; anything else is a path that
     does not exist (said so, rather than "Invalid base64-encoded string")."""
     if source.startswith(("http://", "https://")):
-        import httpx  # only URLs need it
-
-        return httpx.get(source, follow_redirects=True, timeout=30).content
+        # The standard library, not httpx: transformers refuses to load remote code that imports a package the
+        # user lacks (anywhere in the file), and httpx is not a dependency of every supported transformers.
+        with urllib.request.urlopen(source, timeout=30) as response:
+            return response.read()
     if source.startswith("data:image/"):
         source = source.split(",", 1)[-1]
     elif len(source) < MIN_BASE64_LENGTH or not BASE64_TEXT.fullmatch(source):
