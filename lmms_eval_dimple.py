@@ -10,6 +10,7 @@ task's `generation_kwargs`, `--gen_kwargs`. Requests are batched (`--batch_size 
 own, so each answer is what its prompt gives alone.
 """
 
+import copy
 import math
 import re
 from typing import Any
@@ -117,7 +118,7 @@ class Dimple(lmms):
     ) -> None:
         super().__init__()
         decoding.pop("max_batch_size", None)  # lmms-eval's generic option; batches here are --batch_size
-        from .tiny_checkpoint import BUNDLED_CHECKPOINT
+        from .tiny.bundled import BUNDLED_CHECKPOINT
 
         source = str(pretrained) if pretrained is not None else str(BUNDLED_CHECKPOINT)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -128,7 +129,7 @@ class Dimple(lmms):
         self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
         self.decoding = decoding
         # Validate the settings now, not after the first batch of a long run: unknown names come back unused.
-        _, unknown = self.model.resolve_generation_config(None, dict(decoding))
+        unknown = copy.deepcopy(self.model.generation_config).update(**decoding)
         if unknown:
             raise ValueError(
                 f"Unknown model_args {sorted(unknown)} for --model dimple; loading options are pretrained, dtype, "

@@ -23,32 +23,22 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from .atomic_write import fsync_folder, stage
 from .configuration_dimple import DimpleConfig
 from .image_processing_dimple import DimpleImageProcessor
-from .modeling_dimple import DimpleModel
+from .loading_dimple import PICKLE_WEIGHTS, SAFETENSORS_WEIGHTS
+from .modeling_dimple import MODEL_AUTO_CLASSES, DimpleModel, auto_map_reference
 from .processing_dimple import DimpleProcessor
 from .tokenization_dimple import DimpleTokenizer
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
 
 class InstallError(ValueError):
     """A problem with the user's folders or file system (not a bug): the command line prints it as one line."""
 
 
-def reference(cls: type) -> str:
-    """`module.Class` as an auto_map names a class of a flat remote-code folder."""
-    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
 def model_auto_map() -> dict[str, str]:
     """config.json entries: the config, and the model under every Auto class users and pipelines reach for."""
-    model = reference(DimpleModel)
-    return {
-        "AutoConfig": reference(DimpleConfig),
-        "AutoModel": model,
-        "AutoModelForImageTextToText": model,
-        "AutoModelForCausalLM": model,
-    }
+    model = auto_map_reference(DimpleModel)
+    return {"AutoConfig": auto_map_reference(DimpleConfig), **{name: model for name in MODEL_AUTO_CLASSES}}
 
 
 def code_files() -> list[Path]:
@@ -77,13 +67,13 @@ def read_json_object(path: Path) -> dict:
 
 def updated_configs(folder: Path) -> dict[str, dict]:
     """The config files of `folder` that name classes, with our auto_map entries merged in (others unchanged)."""
-    processor, image_processor = reference(DimpleProcessor), reference(DimpleImageProcessor)
+    processor, image_processor = auto_map_reference(DimpleProcessor), auto_map_reference(DimpleImageProcessor)
     updates = {
         "config.json": (model_auto_map(), None),
         "preprocessor_config.json": ({"AutoImageProcessor": image_processor, "AutoProcessor": processor}, None),
         "processor_config.json": ({"AutoProcessor": processor}, {"AutoImageProcessor": image_processor}),
         "tokenizer_config.json": (
-            {"AutoTokenizer": [reference(DimpleTokenizer), None], "AutoProcessor": processor}, None
+            {"AutoTokenizer": [auto_map_reference(DimpleTokenizer), None], "AutoProcessor": processor}, None
         ),
     }
     configs = {}
@@ -111,7 +101,7 @@ def check_snapshot(folder: Path) -> None:
     model_type = read_json_object(config_path).get("model_type")
     if model_type != DimpleConfig.model_type:
         raise InstallError(f"{folder} holds a {model_type!r} checkpoint, not a Dimple one (model_type 'dimple').")
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+    if not any(next(folder.glob(pattern), None) for pattern in SAFETENSORS_WEIGHTS + PICKLE_WEIGHTS):
         raise InstallError(f"{folder} has no weight files (*.safetensors or *.bin); the download is incomplete.")
 
 

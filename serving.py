@@ -27,9 +27,10 @@ from typing import Any
 
 import transformers
 
-from .generation_utils import DimpleGenerationConfig, answer_lengths
+from .generation_config_dimple import DimpleGenerationConfig
+from .sampling_dimple import answer_lengths
 from .modeling_dimple import DimpleModel
-from .tiny_checkpoint import BUNDLED_CHECKPOINT
+from .tiny.bundled import BUNDLED_CHECKPOINT
 
 SERVE_EXTRA_HINT = 'install the server with `pip install "dimple-hf[serve]"` (transformers[serving] and openai)'
 

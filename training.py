@@ -5,7 +5,7 @@ model (bidirectional attention; answer tokens replaced by `<|mask|>` with probab
 predicted back). Both losses use the released logit convention: the output at position i predicts token i + 1,
 so a mask at position j is supervised through the logits at j - 1 (exactly where the sampler reads them).
 
-Samples follow the released training format (REFERENCE §11): a system turn, then per user turn
+Samples follow the released training format (the reference training code's): a system turn, then per user turn
 ``\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n`` and per assistant turn its text followed
 by one or more ``<|endoftext|>`` pads (no ``<|im_end|>``). Labels are the answer tokens and their pads; the
 prompt is never masked or supervised.
@@ -22,10 +22,11 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer
 
+from .generation_config_dimple import check_eps
 from .modeling_dimple import DimplePreTrainedModel
+from .processing_dimple import DEFAULT_SYSTEM_PROMPT
 
 IGNORE_INDEX = -100
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 OBJECTIVES = ("ar", "diffusion")
 
 
@@ -46,8 +47,7 @@ def sample_times(
     batch_size: int, eps: float = 1e-3, generator: torch.Generator | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
     """One diffusion time per sample, t ~ U(eps, 1); eps > 0 keeps every sample's masking rate positive."""
-    if not 0.0 < eps < 1.0:
-        raise ValueError(f"eps must lie in (0, 1), got {eps}.")
+    check_eps(eps)
     return eps + (1.0 - eps) * torch.rand(batch_size, generator=generator, device=device)
 
 
@@ -340,8 +340,7 @@ class DimpleTrainer(Trainer):
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown objective {objective!r}; choose 'ar' or 'diffusion'.")
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must lie in (0, 1), got {eps}.")
+        check_eps(eps)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
         # Per-batch means: the Trainer divides them by the accumulation steps (both spellings across 5.x releases).
