@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -150,7 +151,7 @@ def load_model(name: str | None, trust_remote_code: bool = False):
 
     from .modeling_dimple import DimpleModel
     from .processing_dimple import DimpleProcessor
-    from .tiny_checkpoint import BUNDLED_CHECKPOINT
+    from .tiny.bundled import BUNDLED_CHECKPOINT
 
     if name is None:
         model = DimpleModel.from_pretrained(BUNDLED_CHECKPOINT).eval()
@@ -186,8 +187,30 @@ def response_template(text: str, tokenizer) -> torch.Tensor:
     return ids
 
 
+def chat_inputs(processor: Any, images: list, prompt: str) -> dict:
+    """One user turn (the images, then the prompt) as model inputs; the processor's refusals become one line."""
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
+    try:
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt",
+        )
+    except ValueError as error:  # the processor's checks of the pictures and prompt
+        raise UserError(first_line(error)) from error
+
+
+def write_denoising_pictures(renderers: list[tuple[str | None, Callable]], frames: list) -> None:
+    """Render the denoising steps to every requested path (`--gif`, `--html`); a write failure is one line."""
+    for path, render in renderers:
+        if path:
+            try:
+                render(frames, path)
+            except OSError as error:
+                raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def generate(args: argparse.Namespace) -> str:
-    from .visualize import render_gif, render_html
+    from .visualize import denoising_cells, render_gif, render_html
 
     check_settings(args)
     images = load_images(args.image)
@@ -197,14 +220,7 @@ def generate(args: argparse.Namespace) -> str:
         transformers_logging.disable_progress_bar()
     model, processor = load_model(args.model, args.trust_remote_code)
     template = response_template(args.template, processor.tokenizer) if args.template else None
-    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.prompt}]
-    try:
-        inputs = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt",
-        )
-    except ValueError as error:  # the processor's checks of the pictures and prompt
-        raise UserError(first_line(error)) from error
+    inputs = chat_inputs(processor, images, args.prompt)
     answer_len = template.numel() if template is not None else args.max_new_tokens
     progress = StepProgress(total=args.steps or answer_len, disable=args.quiet)
     want_history = bool(args.gif or args.html)
@@ -234,16 +250,9 @@ def generate(args: argparse.Namespace) -> str:
     else:
         # A template's fixed text may follow slots the model filled with <|endoftext|>: drop those, don't cut.
         answer = processor.batch_decode(answer_ids, skip_special_tokens=True)[0]
-    picture = dict(
-        history=out.history, tokenizer=processor.tokenizer, mask_token_id=model.config.mask_token_id,
-        prompt_length=prompt_length, template=template,
-    )
-    for path, render in ((args.gif, render_gif), (args.html, render_html)):
-        if path:
-            try:
-                render(path=path, **picture)
-            except OSError as error:
-                raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+    if want_history:
+        frames = denoising_cells(out.history, processor.tokenizer, model.config.mask_token_id, prompt_length, template)
+        write_denoising_pictures([(args.gif, render_gif), (args.html, render_html)], frames)
     stats = (
         f"forward passes: {out.num_forward_passes}, tokens per forward: {float(out.tokens_per_forward[0]):.2f}, "
         f"seconds: {seconds:.2f}"

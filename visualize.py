@@ -1,9 +1,10 @@
 """Pictures of diffusion decoding: how a generation's answer canvas fills in, step by step.
 
-`generate(..., output_history=True, return_dict_in_generate=True)` records the sequence after every step; these
-pure functions turn that history into an animated GIF (Pillow, one frame per step) or a self-contained HTML page
-(inline CSS/JS, a slider over steps). Masks are grey, tokens fixed by a structure prior are blue and underlined,
-tokens committed at the step shown are highlighted. Files are replaced atomically (never left half-written).
+`generate(..., output_history=True, return_dict_in_generate=True)` records the sequence after every step;
+`denoising_cells` turns that history into what to draw, step by step, and both renderers draw its result: an
+animated GIF (Pillow, one frame per step) or a self-contained HTML page (inline CSS/JS, a slider over steps). Masks
+are grey, tokens fixed by a structure prior are blue and underlined, tokens committed at the step shown are
+highlighted. Files are replaced atomically (never left half-written).
 """
 
 import html
@@ -116,22 +117,12 @@ def load_font(size: int) -> ImageFont.ImageFont:
 
 
 def render_gif(
-    path: str | Path,
-    history: Sequence[torch.Tensor],
-    tokenizer,
-    mask_token_id: int | None = None,
-    prompt_length: int = 0,
-    template: torch.Tensor | Sequence[int] | None = None,
-    row: int = 0,
-    width: int = 720,
-    font_size: int = 16,
-    frame_ms: int = 400,
+    frames: list[list[Cell]], path: str | Path, width: int = 720, font_size: int = 16, frame_ms: int = 400
 ) -> Path:
-    """Write an animated GIF with one frame per denoising step; returns the path.
+    """Write an animated GIF with one frame per step of `frames` (from `denoising_cells`); returns the path.
 
     Each position keeps one place across frames (its widest text decides), so tokens appear where they stay.
     """
-    frames = denoising_cells(history, tokenizer, mask_token_id, prompt_length, template, row)
     font = load_font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, gap, line = 10, 4, font_size + 10
@@ -201,20 +192,13 @@ show(slider.value);
 
 
 def render_html(
-    history: Sequence[torch.Tensor],
-    tokenizer,
-    mask_token_id: int | None = None,
-    prompt_length: int = 0,
-    template: torch.Tensor | Sequence[int] | None = None,
-    row: int = 0,
-    path: str | Path | None = None,
-    title: str = "Dimple denoising",
+    frames: list[list[Cell]], path: str | Path | None = None, title: str = "Dimple denoising"
 ) -> str:
-    """A self-contained HTML page (no external assets): a slider over steps, or every step as a row.
+    """A self-contained HTML page (no external assets) of `frames` (from `denoising_cells`): a slider over steps, or
+    every step as a row.
 
     Returns the page; also writes it to `path` when given.
     """
-    frames = denoising_cells(history, tokenizer, mask_token_id, prompt_length, template, row)
     rows = []
     for number, frame in enumerate(frames, start=1):
         spans = []

@@ -17,29 +17,29 @@ import datetime
 import itertools
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
+from torch.utils.benchmark import Timer
+from torch.utils.benchmark import timer as synchronized_clock
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from dimple import DimpleConfig, DimpleModel
 from dimple.atomic_write import write_atomically
 from dimple.cache_dimple import DimpleDiffusionCache
-
+from dimple.tiny.build import DECODER_DIMENSIONS, VISION_DIMENSIONS
 
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, mrope_section=[2, 3, 3], vocab_size=512),
+    "tiny": DECODER_DIMENSIONS,
     "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=2, mrope_section=[8, 12, 12], vocab_size=32000),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064, rope_theta=1e6),
 }
 VISION = {
-    "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
+    "tiny": VISION_DIMENSIONS,
     "small": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1, 3]),
     "7b": {},
 }
@@ -47,10 +47,11 @@ TOKEN_IDS = dict(image_token_id=2, video_token_id=3, vision_start_token_id=4, vi
 
 
 def build(size: str, dtype: torch.dtype, device: str) -> DimpleModel:
-    hidden = SIZES[size]["hidden_size"]
+    """Random Dimple of `size` (`tiny` is the tiny family's model; the vision tower's output feeds the projector,
+    as wide as the decoder unless the size says otherwise)."""
     config = DimpleConfig(**SIZES[size], **TOKEN_IDS, pad_token_id=0, eos_token_id=0, mask_token_id=1,
                           vision_token_id=6, max_position_embeddings=32768,
-                          vision_config={**VISION[size], "out_hidden_size": hidden})
+                          vision_config={"out_hidden_size": SIZES[size]["hidden_size"], **VISION[size]})
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs, in its dtype: a 7B fp32 copy on the host would cost minutes
         return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
@@ -98,11 +99,11 @@ class StepClock:
 
     def put(self, value: torch.Tensor) -> None:
         if not self.diffusion and self.prompt_seen:
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(synchronized_clock())
         self.prompt_seen = True
 
     def put_draft(self, canvas: torch.Tensor) -> None:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(synchronized_clock())
         self.masks_left.append(int((canvas == self.mask_token_id).sum()))
 
     def end(self) -> None:
@@ -113,18 +114,19 @@ def timed(run: Callable[[StepClock], object], diffusion: bool, repeats: int, mas
     """Median over `repeats` calls: total and first-step seconds, forward passes, peak GPU memory, the masked
     rows the LM head sees per step after the first (masks left by each step but the last), and the median gap
     between consecutive steps (`median_step`: the typical later step, which a block's occasional refresh pass does
-    not move, unlike the mean)."""
+    not move, unlike the mean).
+
+    One call is one measurement: the step stamps come from inside it, so `Timer`, which times blocks of calls after
+    warm-up calls of its own, cannot take them. The clock is `torch.utils.benchmark.timer`, Timer's own, which
+    synchronises the accelerator before each reading."""
     results = []
     for _ in range(repeats):
         clock = StepClock(diffusion, mask_token_id)
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start = synchronized_clock()
         run(clock)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        end = time.perf_counter()
+        end = synchronized_clock()
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         later_rows = clock.masks_left[:-1]
         gaps = [later - earlier for earlier, later in itertools.pairwise(clock.stamps)]
@@ -154,34 +156,34 @@ def cache_ceiling(config: DimpleConfig, prompt_len: int, answer: int, masked_row
     return forward_flops(config, total, total, masked_rows) / forward_flops(config, answer + 1, total, masked_rows)
 
 
-def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answer: int, repeats: int = 5) -> str:
-    """Best-of-`repeats` decoder forward (no LM head, no sampler) over the whole sequence vs over the cached window.
+def median_seconds(work: Callable[[], object], min_run_time: float = 0.2) -> float:
+    """Median seconds of one `work()` by `torch.utils.benchmark.Timer.blocked_autorange`: warm-up runs first, blocks
+    of calls long enough that the clock's cost (an accelerator synchronisation) vanishes, at torch's current thread
+    count (Timer's own default is one thread)."""
+    timer = Timer(stmt="work()", globals={"work": work}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def decoder_step_costs(model: DimpleModel, inputs: dict[str, torch.Tensor], answer: int) -> str:
+    """Median decoder forward (no LM head, no sampler) over the whole sequence vs over the cached window.
 
     The prefix cache can at most make a step (P + L) / (L + 1) times cheaper; this isolates how close the decoder
     gets, since the LM head on masked rows and the sampler cost the same with or without the cache.
     """
     prompt_len = inputs["input_ids"].shape[1]
     ids = torch.cat([inputs["input_ids"], inputs["input_ids"].new_full((1, answer), model.config.mask_token_id)], 1)
-    positions, _ = model.get_rope_index(ids, inputs["image_grid_thw"], None)
+    positions, _ = model._rope_positions(ids, inputs["image_grid_thw"], None)
     embeds = model.get_input_embeddings()(ids)
 
-    def best(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     with torch.no_grad():
-        full = best(lambda: model.model(inputs_embeds=embeds, position_ids=positions))
+        # At least a second each: a full-sequence forward can take a good part of one on a CPU.
+        full = median_seconds(lambda: model.model(inputs_embeds=embeds, position_ids=positions), min_run_time=1.0)
         cache = DimpleDiffusionCache(model.config.num_hidden_layers)
         model.model(inputs_embeds=embeds, position_ids=positions, cache=cache)
         cache.set_window(prompt_len - 1)
-        window = best(lambda: model.model(inputs_embeds=embeds[:, prompt_len - 1 :],
-                                          position_ids=positions[..., prompt_len - 1 :], cache=cache))
+        window = median_seconds(lambda: model.model(inputs_embeds=embeds[:, prompt_len - 1 :],
+                                                    position_ids=positions[..., prompt_len - 1 :], cache=cache),
+                                min_run_time=1.0)
     bound = (prompt_len + answer) / (answer + 1)
     return (f"Decoder forward alone, {answer}-token answer: full sequence {full * 1e3:.1f} ms, cached window "
             f"{window * 1e3:.1f} ms, {full / window:.1f}x (token bound (P+L)/(L+1) = {bound:.1f}x, "
@@ -224,9 +226,9 @@ def time_dimple(model: DimpleModel, inputs: dict[str, torch.Tensor], settings: d
     replay what the warm-up compiled, and `warm_up` is the compile time), else a short call that only loads kernels."""
     compiling = bool(settings.get("compile_forward"))
     warm_up = settings if compiling else {**settings, "max_new_tokens": min(8, settings["max_new_tokens"]), "steps": 2}
-    start = time.perf_counter()
+    start = synchronized_clock()
     model.generate(**inputs, **warm_up)
-    warm_up_seconds = time.perf_counter() - start
+    warm_up_seconds = synchronized_clock() - start
     result = timed(lambda clock: model.generate(**inputs, streamer=clock, **settings), True, runs,
                    model.config.mask_token_id)
     return {**result, "warm_up": warm_up_seconds}
@@ -248,7 +250,7 @@ def append_to_results(path: Path, text: str) -> None:
     write_atomically(path, before + text)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--image-tokens", type=int, default=1024)
@@ -263,16 +265,24 @@ def main() -> None:
     parser.add_argument("--decoder-only", action="store_true", help="only the decoder forward: full vs cached window")
     parser.add_argument("--attn", nargs="+", default=["sdpa"],
                         help="attention implementations timed side by side, e.g. sdpa flash_attention_2 (GPU)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def machine_name(device: str) -> str:
+    """The GPU's name, or the CPU and the thread count torch uses: what a reader needs to compare runs."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    args = arguments()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     model = build(args.size, dtype, device)
     peer = None if args.no_peer or args.decoder_only else build_autoregressive_peer(args.size, dtype, device)
     inputs = prompt(model, args.image_tokens, args.text_tokens, device)
-    if device == "cuda":
-        machine = torch.cuda.get_device_name()
-    else:
-        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = machine_name(device)
     rows, step_notes = [], []
     for answer in [] if args.decoder_only else args.answer:
         steps = max(1, answer // args.tokens_per_step)
@@ -309,7 +319,7 @@ def main() -> None:
     if args.decoder_only:
         header = (f"\n### {datetime.date.today()} — {machine}, torch {torch.__version__}, transformers "
                   f"{transformers.__version__}, {args.dtype}, {size}, prompt {inputs['input_ids'].shape[1]} "
-                  "tokens, decoder forward only, best of 5\n")
+                  "tokens, decoder forward only, median of torch.utils.benchmark's blocked_autorange\n")
     table = header + "\n".join(rows) + "\n\n" + notes + "\n"
     print(table)
     append_to_results(Path(__file__).with_name("RESULTS.md"), table)

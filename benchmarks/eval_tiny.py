@@ -19,8 +19,10 @@ import torch
 import transformers
 
 from dimple import DimpleModel, DimpleProcessor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
-from dimple.train_tiny import ANSWER_SLOTS, example
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
+from dimple.tiny.train import ANSWER_SLOTS, example
+
+from bench_generate import append_to_results
 
 SETTINGS: dict[str, dict] = {
     "one token per step": dict(alg_p_threshold=None),
@@ -81,10 +83,11 @@ def main() -> None:
                 f"{r['forwards_per_slot']:.3f} | {r['forwards_per_token']:.3f} | {r['ms_per_answer']:.1f} |"
             )
     machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    model_folder = Path(args.model).parent.name + "/" + Path(args.model).name  # e.g. tiny/checkpoint
     table = (
-        f"\n### {datetime.date.today()} — tiny trained Dimple (`{Path(args.model).name}`), {machine}, torch "
+        f"\n### {datetime.date.today()} — tiny trained Dimple (`{model_folder}`), {machine}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}, float32\n\n"
-        f"{args.examples} held-out synthetic examples (`dimple.train_tiny`, test split), batch size 1, canvas of "
+        f"{args.examples} held-out synthetic examples (`dimple.tiny.train`, test split), batch size 1, canvas of "
         f"{ANSWER_SLOTS} slots, `steps={ANSWER_SLOTS}`, greedy (temperature 0), `alg=\"maskgit_plus\"`, "
         "`dim` pipeline. Exact match after cutting at the first `<|endoftext|>`. Answer tokens = tokens before "
         "that `<|endoftext|>`. Times are CPU wall-clock, for ratios only.\n\n"
@@ -95,8 +98,7 @@ def main() -> None:
     )
     sys.stdout.write(table)
     if not args.no_write:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as results_file:
-            results_file.write(table)
+        append_to_results(Path(__file__).with_name("RESULTS.md"), table)
 
 
 if __name__ == "__main__":

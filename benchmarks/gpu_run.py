@@ -1,4 +1,4 @@
-"""One prepared GPU run: everything the design card promises on CUDA, checked and timed by one command.
+"""One prepared GPU run: every CUDA claim of this repository (parity, speed), checked and timed by one command.
 
 A GPU is lent to this project only now and then, for minutes, with no internet, so an unprepared run wastes it.
 This script is that run, ready in advance: sections in order of value, a time budget (`--budget-s`, default 450 s
@@ -35,7 +35,6 @@ import json
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -87,7 +86,8 @@ class Budget:
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run: the GPU plan is the design card's; the dry run's executes the same code in seconds."""
+    """Sizes of one run: the GPU plan times the released 7B's dimensions; the dry run's executes the same code in
+    seconds."""
 
     device: str
     size: str  # a key of bench_generate.SIZES
@@ -111,7 +111,7 @@ class Plan:
 
 
 def gpu_plan() -> Plan:
-    """The design card's sizes on one H100/H200-class GPU. The caps are estimates that keep a slow section from
+    """The released 7B's dimensions on one H100/H200-class GPU. The caps are estimates that keep a slow section from
     starving the later ones: the CUDA tests compile four tiny models, and at 7B each compile takes a minute or more,
     so CUDA graphs come first and the default-mode compile runs only if time is left."""
     return Plan(
@@ -168,31 +168,6 @@ class Run:
         return {name: value.repeat(batch, *[1] * (value.dim() - 1)) for name, value in single.items()}
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(work: Callable[[], object], device: str, repeats: int = 10, warm_ups: int = 3) -> float:
-    """Median seconds of `work` after warm-ups: CUDA events on a GPU (work is asynchronous), the host clock on CPU."""
-    for _ in range(warm_ups):
-        work()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            work()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def installed_flash_backends() -> list[str]:
     """flash_attention_N for each version transformers itself finds installed (no check exists for 4 before 5.23)."""
     return [f"flash_attention_{version}" for version in (2, 3, 4)
@@ -230,6 +205,19 @@ def attempt(rows: list[dict], row: dict, measure: Callable[..., dict], *args: ob
 
 def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def table(columns: tuple[str, ...], rows: list[dict], head: Callable[[dict], list[str]],
+          measured: Callable[[dict], list[str]]) -> list[str]:
+    """Markdown lines of a table of measured rows: `head(row)` names a row, `measured(row)` fills the rest, or, for a
+    row whose measurement failed, its error does, with the remaining cells left empty."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        named = head(row)
+        cells = [*named, row["error"], *[""] * (len(columns) - len(named) - 1)] if "error" in row else [
+            *named, *measured(row)]
+        lines.append("|" + "".join(f" {cell} |" if cell else " |" for cell in cells))
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -401,19 +389,17 @@ def run_fixtures(run: Run, record: dict) -> None:
 
 
 def render_fixtures(record: dict) -> str:
-    lines = ["| set | attention | dtype | forward cases within tolerance | max abs logit diff | top-token agreement "
-             "| generation runs token-exact | answer-token agreement | s |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in record.get("combos", []):
-        head = f"| {row['set']} | {row['attention']} | {row['dtype']} |"
-        if "error" in row:
-            lines.append(f"{head} {row['error']} | | | | | |")
-            continue
+    def measured(row: dict) -> list[str]:
         forward, generation = row["forward"], row["generation"]
         cut = "" if generation["runs"] == generation["planned_runs"] else f" (of {generation['planned_runs']})"
-        lines.append(f"{head} {forward['within_tolerance']}/{forward['cases']} | "
-                     f"{forward['max_abs_diff']:.2e} | {forward['argmax_agreement']:.1%} | "
-                     f"{generation['token_exact']}/{generation['runs']}{cut} | {generation['token_agreement']:.1%} | "
-                     f"{row['seconds']:.1f} |")
+        return [f"{forward['within_tolerance']}/{forward['cases']}", f"{forward['max_abs_diff']:.2e}",
+                f"{forward['argmax_agreement']:.1%}", f"{generation['token_exact']}/{generation['runs']}{cut}",
+                f"{generation['token_agreement']:.1%}", f"{row['seconds']:.1f}"]
+
+    columns = ("set", "attention", "dtype", "forward cases within tolerance", "max abs logit diff",
+               "top-token agreement", "generation runs token-exact", "answer-token agreement", "s")
+    lines = table(columns, record.get("combos", []), lambda row: [row["set"], row["attention"], row["dtype"]],
+                  measured)
     return "\n".join(lines) + "\n"
 
 
@@ -424,23 +410,23 @@ def render_fixtures(record: dict) -> str:
 
 def copy_bandwidth(device: str, size: int) -> float:
     """Bytes per second of a device-to-device copy of `size` bytes of random data, counting bytes read plus bytes
-    written (METHOD.md)."""
+    written (the convention of published device bandwidths)."""
     source = torch.rand(size // 4, device=device)
     target = torch.empty_like(source)
-    return 2 * size / median_seconds(lambda: target.copy_(source), device)
+    return 2 * size / bench.median_seconds(lambda: target.copy_(source))
 
 
 def matmul_rate(device: str, size: int, dtype: torch.dtype) -> float:
     """FLOP per second of a `size`-cubed matrix product on random data (zeros run faster than real data)."""
     left = torch.randn(size, size, device=device, dtype=dtype)
     right = torch.randn_like(left)
-    return 2 * size**3 / median_seconds(lambda: left @ right, device)
+    return 2 * size**3 / bench.median_seconds(lambda: left @ right)
 
 
 def run_floor(run: Run, record: dict) -> None:
-    """Measure the two ceilings (METHOD.md): a large device-to-device copy and a large matrix product on random data;
-    count the bytes one decoder step must stream (weights of the decoder layers and the LM head; the embedding is
-    only gathered) on a model built on the meta device, so nothing is allocated."""
+    """Measure the two ceilings no step can beat: a large device-to-device copy and a large matrix product on random
+    data; count the bytes one decoder step must stream (weights of the decoder layers and the LM head; the embedding
+    is only gathered) on a model built on the meta device, so nothing is allocated."""
     plan = run.plan
     skeleton = bench.build(plan.size, plan.dtype, "meta")
     config = skeleton.config
@@ -527,10 +513,9 @@ def run_steps(run: Run, record: dict) -> None:
     """Value order: the eager grid (cheap), other attention backends, then the compiled modes (each a compile of
     the model, a minute or more at 7B) at the tokens-per-second answer length, so that section can reuse them."""
     plan = run.plan
-    start = time.perf_counter()
+    start = bench.synchronized_clock()
     model = run.dimple()
-    synchronize(plan.device)
-    record.update(build_s=time.perf_counter() - start, parameters=sum(p.numel() for p in model.parameters()),
+    record.update(build_s=bench.synchronized_clock() - start, parameters=sum(p.numel() for p in model.parameters()),
                   size=plan.size, dtype=str(plan.dtype).removeprefix("torch."), block=plan.block)
     record["rows"] = rows = []
     modes = cache_modes(plan.block)
@@ -571,19 +556,15 @@ def render_steps(record: dict) -> str:
     lines = [f"`{record['size']}` = {record['parameters'] / 1e6:,.1f}M parameters, {record['dtype']}, random weights "
              f"built on the device in {record['build_s']:.1f} s; batch 1, ~3 tokens/step by schedule, no threshold, "
              f"dual-cache block {record['block']}. Median step = typical step after the first; floor = its own "
-             "floor (section above).", "",
-             "| answer | mode | compile | attention | forwards | first step ms | mean later step ms | median step ms | "
-             "floor ms | median / floor | total ms | answer tok/s | peak GiB | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in record["rows"]:
-        head = f"| {row['answer']} | {row['mode']} | {row['compile']} | {row['attention']} |"
-        if "error" in row:
-            lines.append(f"{head} {row['error']} | | | | | | | | | |")
-            continue
-        lines.append(f"{head} {row['forwards']} | {row['first_ms']:.1f} | {row['per_step_ms']:.2f} | "
-                     f"{row['median_step_ms']:.2f} | {fmt(row['floor_ms'], 2)} | {fmt(row['vs_floor'], 2, 'x')} | "
-                     f"{row['total_ms']:.0f} | {row['tok_s']:.1f} | {fmt(row['peak_gib'], 1)} | "
-                     f"{row['warm_up_s']:.1f} |")
+             "floor (section above).", ""]
+    columns = ("answer", "mode", "compile", "attention", "forwards", "first step ms", "mean later step ms",
+               "median step ms", "floor ms", "median / floor", "total ms", "answer tok/s", "peak GiB", "warm-up s")
+    lines += table(columns, record["rows"], lambda row: [str(row["answer"]), row["mode"], row["compile"],
+                                                         row["attention"]],
+                   lambda row: [str(row["forwards"]), f"{row['first_ms']:.1f}", f"{row['per_step_ms']:.2f}",
+                                f"{row['median_step_ms']:.2f}", fmt(row["floor_ms"], 2), fmt(row["vs_floor"], 2, "x"),
+                                f"{row['total_ms']:.0f}", f"{row['tok_s']:.1f}", fmt(row["peak_gib"], 1),
+                                f"{row['warm_up_s']:.1f}"])
     return "\n".join(lines) + "\n"
 
 
@@ -639,17 +620,14 @@ def render_tps(record: dict) -> str:
         return ""
     lines = [f"{record['answer']}-token answers, tokens/s = batch x answer / total time (first step and prompt "
              "included for both). Tokens per step are set by the schedule (steps = answer // k, no threshold); "
-             "the pace it gives (dual cache rounds steps up per block) is answer / forwards.", "",
-             "| batch | tokens/step | answer / forwards | mode | compile | forwards | median step ms | total ms | "
-             "answer tok/s | vs AR peer |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in record["rows"]:
-        per_forward = fmt(row.get("tokens_per_forward"), 2)
-        head = f"| {row['batch']} | {row['tokens_per_step']} | {per_forward} | {row['mode']} | {row['compile']} |"
-        if "error" in row:
-            lines.append(f"{head} {row['error']} | | | | |")
-            continue
-        lines.append(f"{head} {row['forwards']} | {row['median_step_ms']:.2f} | {row['total_ms']:.0f} | "
-                     f"{row['tok_s']:.1f} | {fmt(row.get('vs_peer'), 2, 'x')} |")
+             "the pace it gives (dual cache rounds steps up per block) is answer / forwards.", ""]
+    columns = ("batch", "tokens/step", "answer / forwards", "mode", "compile", "forwards", "median step ms", "total ms",
+               "answer tok/s", "vs AR peer")
+    lines += table(columns, record["rows"],
+                   lambda row: [str(row["batch"]), str(row["tokens_per_step"]), fmt(row.get("tokens_per_forward"), 2),
+                                row["mode"], row["compile"]],
+                   lambda row: [str(row["forwards"]), f"{row['median_step_ms']:.2f}", f"{row['total_ms']:.0f}",
+                                f"{row['tok_s']:.1f}", fmt(row.get("vs_peer"), 2, "x")])
     return "\n".join(lines) + "\n"
 
 
@@ -680,7 +658,7 @@ SECTIONS = (
 
 
 def goals(sections: dict) -> list[dict]:
-    """The design card's three CUDA goals, read off the measured rows (None where a number is missing)."""
+    """The three CUDA goals of the module docstring, read off the measured rows (None where a number is missing)."""
     steps = [row for row in sections.get("steps", {}).get("rows", []) if row.get("vs_floor") is not None]
     cached = [row for row in steps if row["cache"] != "none"]
     best = min(cached, key=lambda row: row["vs_floor"], default=None)

@@ -12,17 +12,22 @@ merged patch group), so we subclass ``Qwen2VLProcessor`` and keep its ``__call__
 import re
 from typing import Any
 
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput, make_flat_list_of_images
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
+from .sampling_dimple import answer_lengths
 from .tokenization_dimple import DimpleTokenizer
 
 # Inserted after the first character of a special-token string found in untrusted text: invisible when the text is
 # shown, and the string no longer matches the tokenizer's added tokens, so it is read as text.
 ZERO_WIDTH_SPACE = "\u200b"
+
+# The system turn a chat gets when it does not start with one (the released template's; training uses it too).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # The chat template the released checkpoint was trained and evaluated with (Qwen2-VL's prompt format,
 # without generation tags). Written out with whitespace control so that only the quoted strings are emitted:
@@ -36,7 +41,7 @@ DEFAULT_CHAT_TEMPLATE = r"""
 {%- set counter = namespace(images=0, videos=0) -%}
 {%- for message in messages -%}
     {%- if loop.first and message['role'] != 'system' -%}
-        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+        {{- '<|im_start|>system\n{system_prompt}<|im_end|>\n' -}}
     {%- endif -%}
     {{- '<|im_start|>' + message['role'] + '\n' -}}
     {%- if message['content'] is string -%}
@@ -65,7 +70,7 @@ DEFAULT_CHAT_TEMPLATE = r"""
 {%- if add_generation_prompt -%}
     {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}
-""".strip()
+""".strip().replace("{system_prompt}", DEFAULT_SYSTEM_PROMPT)
 
 
 class DimpleProcessor(Qwen2VLProcessor):
@@ -107,30 +112,30 @@ class DimpleProcessor(Qwen2VLProcessor):
         template; see `escape_special_tokens`.
         """
         if escape_special_tokens:
-            conversation = self.escaped_conversation(conversation)
+            conversation = self._escaped_conversation(conversation)
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def escape_special_tokens(self, text: str) -> str:
         """`text` with every special-token string broken by an invisible U+200B after its first character, so the
         tokenizer reads it as text: for untrusted text placed into a prompt by hand."""
-        pattern = self.special_token_pattern()
+        pattern = self._special_token_pattern()
         while pattern.search(text):  # repeated in case breaking one occurrence uncovered an overlapping one
             text = pattern.sub(lambda match: match[0][0] + ZERO_WIDTH_SPACE + match[0][1:], text)
         return text
 
-    def special_token_pattern(self) -> re.Pattern:
+    def _special_token_pattern(self) -> re.Pattern:
         """Every added token of the tokenizer (control, vision and mask tokens), longest first."""
         tokens = {token.content for token in self.tokenizer.added_tokens_decoder.values() if len(token.content) > 1}
         return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
 
-    def escaped_conversation(self, conversation: list) -> list:
+    def _escaped_conversation(self, conversation: list) -> list:
         """A copy of one conversation (or a batch of them) whose message text is escaped."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
-        escaped = [[self.escaped_message(message) for message in messages] for messages in conversations]
+        escaped = [[self._escaped_message(message) for message in messages] for messages in conversations]
         return escaped if batched else escaped[0]
 
-    def escaped_message(self, message: dict) -> dict:
+    def _escaped_message(self, message: dict) -> dict:
         """A copy of `message` whose text content (a string, or the ``text`` of its items) is escaped."""
         content = message.get("content")
         if isinstance(content, str):
@@ -188,13 +193,12 @@ class DimpleProcessor(Qwen2VLProcessor):
         canvas holds after that is not part of the answer. Leading ``<|endoftext|>`` are left padding.
         """
         batch = generated_outputs if len(generated_outputs.shape) == 2 else [generated_outputs]
-        rows = [list(map(int, row)) for row in batch]
         stop = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         cut = []
-        for row in rows:
-            start = next((i for i, token in enumerate(row) if token != stop), len(row))
-            end = next((i for i in range(start, len(row)) if row[i] == stop), len(row))
-            cut.append(row[:end])
+        for row in (torch.as_tensor(row, dtype=torch.long) for row in batch):
+            start = int((row != stop).int().argmax()) if bool((row != stop).any()) else len(row)
+            answer = row[None, start:]
+            cut.append(row[: start + int(answer_lengths(answer, [stop])[0])].tolist())
         return super().post_process_image_text_to_text(cut, skip_special_tokens=skip_special_tokens, **kwargs)
 
 

@@ -1,18 +1,17 @@
-"""Train the tiny Dimple bundled in `tiny_checkpoint/`: `python -m dimple.train_tiny` (2 CPU threads, 2-4 minutes).
+"""Train the tiny Dimple bundled in `tiny/checkpoint/`: `python -m dimple.tiny train` (2 CPU threads, 2-4 minutes).
 
 The task is synthetic and generated on the fly: an 84x84 picture with one to three shapes of one colour and one
 kind (circle, square or triangle) in distinct cells of a 3x3 grid, and one of four questions about it (describe,
-colour, shape, count). The recipe is Dimple's, scaled down (REFERENCE §11), after a short vision pretraining that
-stands in for the pretrained Qwen2.5-VL tower: an autoregressive phase (causal attention, every weight trained),
-then a diffusion phase (bidirectional attention, vision tower and projector frozen). The model has Dimple-7B's
-architecture and key layout with 3.1 M parameters, and uses the tiny tokenizer and processor of `dimple.tiny`.
-Everything is seeded and deterministic: example i of a split is always the same picture and question, and a rerun
-with the same thread count writes the same weights bit for bit.
+colour, shape, count). The recipe is Dimple's released training pipeline, scaled down, after a short vision
+pretraining that stands in for the pretrained Qwen2.5-VL tower: an autoregressive phase (causal attention, every
+weight trained), then a diffusion phase (bidirectional attention, vision tower and projector frozen, as in Dimple's
+own diffusion stage). The model has Dimple-7B's architecture and key layout with 3.1 M parameters, and uses the tiny
+tokenizer and processor of `dimple.tiny.build`. Everything is seeded and deterministic: example i of a split is
+always the same picture and question, and a rerun with the same thread count writes the same weights bit for bit.
 """
 
-import argparse
+import copy
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,14 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
-from transformers.utils import logging as transformers_logging
 
-from .atomic_write import publish_folder
-from .generation_utils import DimpleGenerationConfig
-from .modeling_dimple import DimpleModel
-from .processing_dimple import DimpleProcessor
-from .tiny import build_tiny_processor
-from .tiny_checkpoint import BUNDLED_CHECKPOINT, sync_remote_code, tiny_config
-from .training import DimpleSFTCollator, DimpleTrainer
+from ..configuration_dimple import DimpleConfig
+from ..generation_config_dimple import DimpleGenerationConfig
+from ..modeling_dimple import DimpleModel
+from ..processing_dimple import DimpleProcessor
+from ..training import DimpleSFTCollator, DimpleTrainer
+from .build import VISION_DIMENSIONS, build_tiny_processor, tiny_config
+from .bundled import write_checkpoint
 
 IMAGE_SIZE = 84
 CELL = IMAGE_SIZE // 3
@@ -57,7 +55,8 @@ EXAMPLE_INDEX = 4
 
 
 def render(rng: random.Random) -> tuple[Image.Image, str, str, int]:
-    """A picture of `count` shapes of one colour and kind, each in its own cell of a 3x3 grid, size and offset jittered."""
+    """A picture of `count` shapes of one colour and kind, each in its own cell of a 3x3 grid, size and offset
+    jittered."""
     colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -105,21 +104,14 @@ class SyntheticShapes(Dataset):
         return example(index, self.split)
 
 
-def trained_config(processor: DimpleProcessor):
-    """Dimple-7B's architecture at a few million parameters: 6 decoder layers of width 192, a 2-block vision tower."""
+def trained_config(processor: DimpleProcessor) -> DimpleConfig:
+    """Dimple-7B's architecture at a few million parameters: 6 decoder layers of width 192, the tiny 2-block vision
+    tower at twice its width."""
     return tiny_config(
-        processor,
-        hidden_size=192,
-        intermediate_size=576,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        mrope_section=[4, 6, 6],
-        initializer_range=INIT_STD,
-        vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=192, window_size=56,
-            fullatt_block_indexes=[1], initializer_range=INIT_STD,
-        ),
+        processor, hidden_size=192, intermediate_size=576, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=2, mrope_section=[4, 6, 6], initializer_range=INIT_STD,
+        vision_config={**copy.deepcopy(VISION_DIMENSIONS), "hidden_size": 64, "intermediate_size": 128,
+                       "out_hidden_size": 192, "initializer_range": INIT_STD},
     )
 
 
@@ -226,6 +218,9 @@ def train(
     model.requires_grad_(True)
     stats = {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "vision_steps": vision_steps,
+        "ar_steps": ar_steps,
+        "diffusion_steps": diffusion_steps,
         "vision_seconds": vision_seconds,
         "vision_losses": vision_losses,
         "ar_seconds": ar_seconds,
@@ -234,48 +229,27 @@ def train(
         "diffusion_losses": diffusion_losses,
     }
     model.generation_config = DimpleGenerationConfig(
-        max_new_tokens=ANSWER_SLOTS, **{key: getattr(model.config, key) for key in ("mask_token_id", "pad_token_id", "eos_token_id")}
+        max_new_tokens=ANSWER_SLOTS,
+        **{key: getattr(model.config, key) for key in ("mask_token_id", "pad_token_id", "eos_token_id")},
     )
     return model.eval(), processor, stats
 
 
 def save(model: DimpleModel, processor: DimpleProcessor, folder: Path) -> Path:
-    """Weights, configs, tokenizer/processor files and the remote-code modules they name (a complete checkpoint).
-    Written beside `folder` first and moved in file by file, so an interrupted save leaves no half-written file."""
+    """A complete checkpoint (weights, configs, tokenizer/processor files and the remote-code modules they name) plus
+    example.png, the held-out picture the README's quick start describes."""
 
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        sync_remote_code(staging)
+    def add_example(staging: Path) -> None:
         render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))[0].save(staging / "example.png", optimize=True)
 
-    return publish_folder(folder, write)
+    return write_checkpoint(folder, model, processor, with_code=True, extra=add_example)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dimple.train_tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=BUNDLED_CHECKPOINT, help="checkpoint folder (default: bundled)")
-    parser.add_argument("--vision-steps", type=int, default=300)
-    parser.add_argument("--ar-steps", type=int, default=400)
-    parser.add_argument("--diffusion-steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    transformers_logging.set_verbosity_error()
-    model, processor, stats = train(args.vision_steps, args.ar_steps, args.diffusion_steps, args.batch_size)
-    save(model, processor, args.out)
-    sys.stdout.write(
-        f"parameters: {stats['parameters']:,}\n"
-        f"vision pretraining: {args.vision_steps} steps, {stats['vision_seconds']:.0f} s, loss "
-        f"{stats['vision_losses'][0]:.3f} -> {stats['vision_losses'][-1]:.3f}\n"
-        f"AR phase: {args.ar_steps} steps, {stats['ar_seconds']:.0f} s, loss "
-        f"{stats['ar_losses'][0]:.3f} -> {stats['ar_losses'][-1]:.3f}\n"
-        f"diffusion phase: {args.diffusion_steps} steps, {stats['diffusion_seconds']:.0f} s, loss "
-        f"{stats['diffusion_losses'][0]:.3f} -> {stats['diffusion_losses'][-1]:.3f}\n"
-        f"saved to {args.out}\n"
-    )
-
-
-if __name__ == "__main__":
-    main()
+def summary(stats: dict[str, Any]) -> str:
+    """The training report: parameters, then per phase its steps, seconds and first and last loss."""
+    lines = [f"parameters: {stats['parameters']:,}"]
+    for phase, name in (("vision", "vision pretraining"), ("ar", "AR phase"), ("diffusion", "diffusion phase")):
+        losses = stats[f"{phase}_losses"]
+        lines.append(f"{name}: {stats[f'{phase}_steps']} steps, {stats[f'{phase}_seconds']:.0f} s, loss "
+                     f"{losses[0]:.3f} -> {losses[-1]:.3f}")
+    return "\n".join(lines) + "\n"

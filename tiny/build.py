@@ -1,18 +1,25 @@
-"""Tiny, offline, deterministic Dimple components for tests, the bundled tiny checkpoint and benchmarks.
+"""Build the tiny Dimple: tokenizer, processor, model config and random model, and write them to a folder.
 
-The tokenizer is a real byte-level BPE with Qwen2 pre-tokenisation (same pre-tokenizer, normaliser and
-decoder as the released tokenizer) and the real special-token strings, just with a few hundred tokens, so
-everything that depends on token strings (chat template, placeholder expansion, mask token) behaves as
-with the released checkpoint.
+Same architecture and key layout as Dimple-7B with a few hundred thousand random parameters; everything is built
+deterministically and offline, for tests, examples and benchmarks. The tokenizer is a real byte-level BPE with Qwen2
+pre-tokenisation (same pre-tokenizer, normaliser and decoder as the released tokenizer) and the real special-token
+strings, just with a few hundred tokens, so everything that depends on token strings (chat template, placeholder
+expansion, mask token) behaves as with the released checkpoint.
 """
 
+import copy
 from collections import Counter
+from pathlib import Path
 
+import torch
 from tokenizers import pre_tokenizers
 
-from .image_processing_dimple import DimpleImageProcessor
-from .processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
-from .tokenization_dimple import DimpleTokenizer
+from ..configuration_dimple import DimpleConfig
+from ..image_processing_dimple import DimpleImageProcessor
+from ..modeling_dimple import DimpleModel
+from ..processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
+from ..tokenization_dimple import DimpleTokenizer
+from .bundled import BUNDLED_CHECKPOINT, write_checkpoint
 
 # Special tokens of Qwen2.5 / Dream that Dimple uses, in the order they are appended after the regular
 # vocabulary (the released vocabulary has them in the same relative order: 151643, 151644, 151645,
@@ -173,3 +180,51 @@ def build_tiny_processor(
     """A ``DimpleProcessor`` with the tiny tokenizer and a small pixel budget (at most 64 image tokens)."""
     image_processor = DimpleImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     return DimpleProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer(base_vocab_size))
+
+
+DECODER_DIMENSIONS: dict[str, int | list[int]] = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, mrope_section=[2, 3, 3],
+)
+"""The tiny decoder: 2 layers of width 64 over a 512-row vocabulary (the tokenizer's 489 tokens plus padding rows)."""
+VISION_DIMENSIONS: dict[str, int | list[int]] = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, window_size=56,
+    fullatt_block_indexes=[1],
+)
+"""The tiny vision tower: 2 blocks of width 32, the second with full attention, as in the 7B's pattern."""
+
+
+def tiny_config(processor: DimpleProcessor, **overrides) -> DimpleConfig:
+    """A 2-layer, 64-wide Dimple whose special-token ids are the tiny tokenizer's; `overrides` replace whole fields."""
+    values = dict(
+        **copy.deepcopy(DECODER_DIMENSIONS),  # copies: the config owns its lists, the dimensions above stay as they are
+        max_position_embeddings=2048,
+        vision_config=copy.deepcopy(VISION_DIMENSIONS),
+        **special_token_ids(processor.tokenizer),
+    )
+    values.update(overrides)
+    return DimpleConfig(**values)
+
+
+def build_tiny_model(processor: DimpleProcessor, seed: int = 0, **overrides) -> DimpleModel:
+    """Random weights from a fixed seed; a peaked LM head so confidences spread like a trained model's."""
+    torch.manual_seed(seed)
+    model = DimpleModel(tiny_config(processor, **overrides))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 4.0 / model.config.hidden_size**0.5)
+    return model.eval()
+
+
+def save_tiny_checkpoint(folder: str | Path) -> Path:
+    """Write the random tiny model and processor to `folder` (not the bundled, trained checkpoint).
+
+    The folder holds no Python file: importing dimple serves it, and copies of the package's modules would go stale.
+    """
+    folder = Path(folder)
+    if folder.resolve() == BUNDLED_CHECKPOINT:
+        raise ValueError(
+            "The bundled checkpoint is the trained tiny Dimple; rebuild it with `python -m dimple.tiny train`, "
+            "or write the random tiny model to another folder."
+        )
+    processor = build_tiny_processor()
+    return write_checkpoint(folder, build_tiny_model(processor), processor, with_code=False)

@@ -8,7 +8,6 @@ position i predicts token i + 1; the diffusion sampler shifts it by one).
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +24,16 @@ from transformers.utils.output_capturing import capture_outputs
 from .compat_dimple import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs
 from .configuration_dimple import DimpleConfig
 from .generation_utils import DimpleGenerationMixin
-from .loading_dimple import check_finite_weights, check_loading_info
+from .loading_dimple import check_finite_weights, check_loading_info, refuse_pickle_only_folder
+
+
+# The Auto classes users and pipelines load Dimple with: registered by `import dimple`, named in saved auto_maps.
+MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForCausalLM")
+
+
+def auto_map_reference(cls: type) -> str:
+    """`module.Class`, as an auto_map names a class of a flat remote-code folder."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
 @dataclass
@@ -45,6 +53,11 @@ class DimpleRotaryEmbedding(nn.Module):
 
     The frequency table is a float32 buffer; `DimplePreTrainedModel._apply` keeps it float32 when the model is
     cast, because bf16 frequencies visibly shift positions beyond a few hundred tokens.
+
+    Why not transformers' `Qwen2_5_VLRotaryEmbedding`: Dimple's decoder layer is Qwen2's, whose attention applies
+    one merged (batch, seq, head_dim) table, and on the older releases we support (5.12) Qwen2.5-VL's rotary module
+    returns one table per M-RoPE component, merged only inside Qwen2.5-VL's own attention. Merging here gives the
+    same numbers on every supported release.
     """
 
     def __init__(self, config: DimpleConfig):
@@ -165,22 +178,6 @@ class DimplePreTrainedModel(PreTrainedModel):
                 module.self_attn.is_causal = causal
 
 
-def refuse_pickle_only_folder(path: str | os.PathLike | None, subfolder: str) -> None:
-    """A local checkpoint folder without safetensors but with pickle weights gets a message naming the opt-in."""
-    if path is None or not Path(path, subfolder).is_dir():
-        return
-    folder = Path(path, subfolder)
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(file.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for file in folder.glob(pattern))
-    if pickles:
-        raise ValueError(
-            f"{folder} holds only pickle weights ({', '.join(pickles)}); unpickling can run arbitrary code, so Dimple "
-            "loads safetensors only. Convert the weights to safetensors, or, for a source you trust, opt in with "
-            "from_pretrained(..., use_safetensors=False)."
-        )
-
-
 class DimpleTextModel(DimplePreTrainedModel):
     """The decoder stack (`model.*` in the checkpoint): embeddings, Qwen2 layers with M-RoPE, final norm."""
 
@@ -267,11 +264,10 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also map the task Auto classes that pipelines use to this class in the saved auto_map."""
-        module = type(self).__module__.rsplit(".", 1)[-1]
-        tasks = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
+        """Also map every Auto class of `MODEL_AUTO_CLASSES` (pipelines use the task ones) to this class in the saved
+        auto_map."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {})}
-        self.config.auto_map.update({task: f"{module}.{type(self).__name__}" for task in tasks})
+        self.config.auto_map.update({name: auto_map_reference(type(self)) for name in MODEL_AUTO_CLASSES})
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -309,11 +305,11 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         outputs.pooler_output = projected.split(tokens_per_image)
         return outputs
 
-    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+    def _image_feature_rows(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
         """All images' projected features as one (tokens, hidden_size) tensor, ready to merge."""
         return torch.cat(self.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
 
-    def validate_image_inputs(
+    def _check_image_inputs(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None,
@@ -361,22 +357,16 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
                 "placeholder to the number of tokens its grid needs (one image per placeholder)."
             )
 
-    def merge_image_features(
+    def _merge_image_features(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Write the projected image features into the embedding rows of the image-pad tokens."""
+        """Write the projected image features into the embedding rows of the image-pad tokens (their counts agree:
+        `_check_image_inputs` ran first)."""
         image_mask = input_ids == self.config.image_token_id
-        num_tokens = int(image_mask.sum())
-        if num_tokens != image_features.shape[0]:
-            raise ValueError(
-                f"Image features and image tokens do not match: the text holds {num_tokens} image tokens but the "
-                f"images give {image_features.shape[0]} features. Build inputs with the processor, which expands "
-                "each image placeholder to the number of tokens its grid needs."
-            )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask[..., None], image_features)
 
-    def get_rope_index(
+    def _rope_positions(
         self,
         input_ids: torch.LongTensor,
         image_grid_thw: torch.LongTensor | None = None,
@@ -465,11 +455,11 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("Dimple was not trained on video; pass video frames as individual images instead.")
-        inputs_embeds, placeholder_ids = self.embed_inputs(
+        inputs_embeds, placeholder_ids = self._embed_inputs(
             input_ids, inputs_embeds, pixel_values, image_grid_thw, mm_token_type_ids, position_ids is not None
         )
         if position_ids is None:
-            position_ids, rope_deltas = self.resolve_position_ids(
+            position_ids, rope_deltas = self._resolve_position_ids(
                 placeholder_ids, inputs_embeds, image_grid_thw, attention_mask, cache, rope_deltas
             )
 
@@ -501,7 +491,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             rope_deltas=rope_deltas,
         )
 
-    def embed_inputs(
+    def _embed_inputs(
         self,
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor | None,
@@ -527,9 +517,9 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         placeholder_ids = input_ids
         if placeholder_ids is None and (pixel_values is not None or image_grid_thw is not None):
-            placeholder_ids = self.image_placeholder_ids(inputs_embeds, mm_token_type_ids)
+            placeholder_ids = self._image_placeholder_ids(inputs_embeds, mm_token_type_ids)
         if pixel_values is not None or not caller_embeds:
-            self.validate_image_inputs(placeholder_ids, pixel_values, image_grid_thw)
+            self._check_image_inputs(placeholder_ids, pixel_values, image_grid_thw)
         elif placeholder_ids is not None and not has_position_ids and image_grid_thw is None:
             count = int((placeholder_ids == self.config.image_token_id).sum())
             if count:
@@ -539,11 +529,11 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
                     "embeddings with images already merged, `image_grid_thw` or `position_ids`)."
                 )
         if pixel_values is not None:
-            features = self.image_embeddings(pixel_values, image_grid_thw)
-            inputs_embeds = self.merge_image_features(placeholder_ids, inputs_embeds, features)
+            features = self._image_feature_rows(pixel_values, image_grid_thw)
+            inputs_embeds = self._merge_image_features(placeholder_ids, inputs_embeds, features)
         return inputs_embeds, placeholder_ids
 
-    def image_placeholder_ids(
+    def _image_placeholder_ids(
         self, inputs_embeds: torch.Tensor, mm_token_type_ids: torch.Tensor | None
     ) -> torch.LongTensor:
         """Token ids standing in for `input_ids` when only embeddings were passed: image-pad ids where the images
@@ -556,7 +546,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             is_image = (inputs_embeds == image_row).all(dim=-1)
         return placeholder_token_ids(is_image, self.config.image_token_id, self.config.vision_start_token_id)
 
-    def resolve_position_ids(
+    def _resolve_position_ids(
         self,
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
@@ -577,7 +567,7 @@ class DimpleModel(DimplePreTrainedModel, DimpleGenerationMixin):
             return (steps[None] + rope_deltas)[None].expand(3, -1, -1), rope_deltas
         if input_ids is None:
             return text_position_ids(inputs_embeds.shape[:2], attention_mask, None, inputs_embeds.device), rope_deltas
-        return self.get_rope_index(input_ids, image_grid_thw, attention_mask)
+        return self._rope_positions(input_ids, image_grid_thw, attention_mask)
 
 
 def placeholder_token_ids(is_image: torch.Tensor, image_token_id: int, vision_start_token_id: int) -> torch.LongTensor:

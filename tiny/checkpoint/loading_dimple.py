@@ -10,6 +10,7 @@ warnings for deliberate partial loads (e.g. training a new head).
 import math
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SHOWN_KEYS = 6
+# Weight files, by how they are read: safetensors hold tensors only; unpickling can run code.
+SAFETENSORS_WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 
 
 def summarise(keys: Iterable[str]) -> str:
@@ -51,14 +55,19 @@ def loading_problems(info: dict) -> list[str]:
 def check_loading_info(source: str | os.PathLike | None, info: dict, strict: bool) -> None:
     """Refuse (or, with `strict=False`, warn about) a load whose keys or shapes disagree with the config."""
     problems = loading_problems(info)
-    if not problems:
-        return
-    message = (
-        f"Loading {source}: {'; '.join(problems)}. config.json and the weights disagree (e.g. num_hidden_layers, "
-        "vocab_size) or the checkpoint is incomplete; fix config.json or re-download the weights"
-    )
+    if problems:
+        refuse_or_warn(
+            f"Loading {source}: {'; '.join(problems)}. config.json and the weights disagree (e.g. num_hidden_layers, "
+            "vocab_size) or the checkpoint is incomplete; fix config.json or re-download the weights",
+            ", or pass strict=False for a deliberate partial load (e.g. training a new head).",
+            strict,
+        )
+
+
+def refuse_or_warn(message: str, strict_hint: str, strict: bool) -> None:
+    """A loading problem: an error naming the `strict=False` way out, or with `strict=False` a warning."""
     if strict:
-        raise ValueError(message + ", or pass strict=False for a deliberate partial load (e.g. training a new head).")
+        raise ValueError(message + strict_hint)
     logger.warning(message + " (loaded anyway: strict=False).")
 
 
@@ -87,12 +96,26 @@ def check_finite_weights(source: str | os.PathLike | None, model: nn.Module, str
     """NaN/inf weights are an error (a corrupt or badly converted checkpoint can only decode garbage); with
     `strict=False`, a warning naming them."""
     names = nonfinite_weights(model)
-    if not names:
+    if names:
+        refuse_or_warn(
+            f"Loading {source}: {len(names)} weight tensors hold NaN or inf values ({summarise(names)}); the "
+            "checkpoint is corrupt or was converted to a dtype too narrow for it. Re-download or re-convert it",
+            " (strict=False loads it anyway, e.g. to inspect it).",
+            strict,
+        )
+
+
+def refuse_pickle_only_folder(path: str | os.PathLike | None, subfolder: str) -> None:
+    """A local checkpoint folder without safetensors but with pickle weights gets a message naming the opt-in."""
+    if path is None or not Path(path, subfolder).is_dir():
         return
-    message = (
-        f"Loading {source}: {len(names)} weight tensors hold NaN or inf values ({summarise(names)}); the checkpoint "
-        "is corrupt or was converted to a dtype too narrow for it. Re-download or re-convert it"
-    )
-    if strict:
-        raise ValueError(message + " (strict=False loads it anyway, e.g. to inspect it).")
-    logger.warning(message + " (loaded anyway: strict=False).")
+    folder = Path(path, subfolder)
+    if any(next(folder.glob(pattern), None) for pattern in SAFETENSORS_WEIGHTS):
+        return
+    pickles = sorted(file.name for pattern in PICKLE_WEIGHTS for file in folder.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); unpickling can run arbitrary code, so Dimple "
+            "loads safetensors only. Convert the weights to safetensors, or, for a source you trust, opt in with "
+            "from_pretrained(..., use_safetensors=False)."
+        )

@@ -1,0 +1,503 @@
+"""Discrete-diffusion decoding for Dimple: `generate()` fills a canvas of `<|mask|>` tokens over a few passes.
+
+`DimpleGenerationMixin.generate` runs five phases; the same numbers mark them in its body and in the docstrings of
+the private methods that implement them:
+1. resolve: merge the call's settings into the generation config and split off the model inputs;
+2. prepare: check the prompt, append the mask canvas (or a structure-prior template), embed the prompt once with
+   its images merged, and place prompt + canvas on the M-RoPE positions;
+3. forward: each step runs one pass (the whole sequence, or with `use_cache` the step's window against the cached
+   keys/values) and the LM head only where a mask waits for a token;
+4. commit: propose a token for every masked position and commit, per row, those the pipeline's rule picks
+   (confident decoding, else a schedule); steps repeat per block until no mask is left or the steps are spent;
+5. finish: report, apply stop strings, return the sequences and decoding statistics.
+
+The settings live in `generation_config_dimple`, the unmasking rules (pure functions) in `sampling_dimple`, and the
+checks of the inputs in `generation_inputs_dimple`; this module is only the driver.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import CompileConfig, GenerationConfig, GenerationMixin
+from transformers.utils import ModelOutput, logging
+
+from .cache_dimple import DimpleDiffusionCache
+from .generation_config_dimple import (
+    PIPELINE_SAMPLING_SETTINGS,
+    VISION_TOKEN_KEYS,
+    DimpleGenerationConfig,
+    check_mask_token_id,
+    refuse_unsupported_arguments,
+)
+from .generation_inputs_dimple import check_prompt, checked_hook_tokens, checked_logits_hook, initial_canvas
+from .sampling_dimple import (
+    answer_lengths,
+    dimple_commit_mask,
+    dream_commit_mask,
+    end_at_stop_strings,
+    forbid_tokens,
+    has_nonfinite_logits,
+    penalize_repetitions,
+    propose_tokens,
+    token_confidence,
+    token_presence,
+)
+
+logger = logging.get_logger(__name__)
+
+# What `generate()` takes besides settings: the prompt batch as the processor returns it.
+MODEL_INPUT_NAMES = ("attention_mask", "pixel_values", "image_grid_thw", "inputs_embeds", "mm_token_type_ids")
+
+
+@dataclass
+class DimpleGenerationOutput(ModelOutput):
+    """Result of `generate(..., return_dict_in_generate=True)`.
+
+    `sequences` holds prompt + answer canvas (the answer only when generate got `inputs_embeds` without
+    `input_ids`); `history` one snapshot of it per step (with `output_history`); `scores` (with `output_scores`)
+    one (batch, answer_len) float tensor per step: the confidence by which the committing rule ranked each
+    masked position (token probability, margin or negative entropy, per `alg`; -inf where no mask waited);
+    `num_forward_passes` the model calls made; `tokens_per_forward` per row, answer tokens committed per call.
+    """
+
+    sequences: torch.LongTensor | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    num_forward_passes: int | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+
+
+@dataclass
+class _GenerateRequest:
+    """Phase 1's result: the resolved settings, the prompt batch and the extras of one `generate()` call."""
+
+    config: DimpleGenerationConfig
+    input_ids: torch.LongTensor | None
+    inputs: dict[str, Any]
+    template: torch.Tensor | None
+    length_given_as_total: bool
+    tokenizer: Any
+    tokens_hook: Callable | None
+    logits_hook: Callable | None
+
+
+@dataclass
+class _DecodingPlan:
+    """Phase 2's result: everything fixed before the first forward pass. Steps read it and write `sequences` only."""
+
+    config: DimpleGenerationConfig
+    sequences: torch.LongTensor  # (batch, prompt_len + answer_len): prompt ids, then the canvas
+    prompt_len: int
+    prompt_known: bool  # False when the prompt came as `inputs_embeds` only: pad ids stand in for its tokens
+    prompt_embeds: torch.Tensor
+    position_ids: torch.LongTensor
+    attention_mask: torch.Tensor | None  # None without padding, so SDPA is free to pick its flash kernel
+    counted: torch.Tensor  # positions whose tokens count for `repetition_penalty` (real prompt tokens, answer)
+    banned: torch.Tensor  # (vocab,) bool: never proposed (mask, vision tokens, suppressed and bad words)
+    stop_ids: torch.Tensor
+    answer_masks_at_start: torch.Tensor
+    block_len: int
+    block_steps: int
+    timesteps: torch.Tensor
+    tokens_hook: Callable | None
+    logits_hook: Callable | None
+    cache: DimpleDiffusionCache | None
+    compiled_forward: Callable | None
+
+    @property
+    def answer_len(self) -> int:
+        return self.sequences.shape[1] - self.prompt_len
+
+    @property
+    def canvas(self) -> torch.LongTensor:
+        return self.sequences[:, self.prompt_len :]
+
+    @property
+    def hooked(self) -> bool:
+        return self.tokens_hook is not None or self.logits_hook is not None
+
+
+@dataclass
+class _DecodingRecord:
+    """What the steps report: counts for the output and the warnings, and the optional per-step outputs."""
+
+    nonfinite_steps: torch.Tensor  # 0-d count on the device, read once after the last step
+    forward_passes: int = 0
+    unfinished: int = 0
+    history: list[torch.LongTensor] = field(default_factory=list)
+    scores: list[torch.FloatTensor] = field(default_factory=list)
+
+
+class DimpleGenerationMixin(GenerationMixin):
+    """`generate()` for Dimple: discrete-diffusion decoding (see the module docstring)."""
+
+    generation_config_class = DimpleGenerationConfig
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        """transformers loads generation_config.json as a plain `GenerationConfig`; make it ours."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if not isinstance(self.generation_config, DimpleGenerationConfig):
+            self.generation_config = DimpleGenerationConfig.from_loaded(self.generation_config)
+
+    def diffusion_generate(self, inputs: torch.LongTensor | None = None, generation_config=None, **kwargs):
+        """The reference implementation's entry point and keyword names; same as `generate`."""
+        return self.generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None = None, *args, **kwargs):
+        """What transformers' pipelines (up to 5.2x) call to merge their default generation config with the
+        model's. Dimple's own config and the call's kwargs decide; the pipeline's defaults only fill settings
+        neither sets, and its sampling defaults (temperature 0.7, ...) only when sampling was asked for, so a
+        pipeline decodes as `generate()` would (greedy by default)."""
+        config = copy.deepcopy(self.generation_config)
+        model_inputs = config.update(**kwargs)
+        chosen = set(self.generation_config.to_diff_dict()) | set(kwargs)
+        defaults = generation_config.to_diff_dict() if generation_config is not None else {}
+        for key, value in defaults.items():
+            if key in chosen or key.startswith("_") or key == "transformers_version" or not hasattr(config, key):
+                continue
+            if key in PIPELINE_SAMPLING_SETTINGS and not config.do_sample:
+                continue
+            setattr(config, key, value)
+        config.validate()
+        return config, model_inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer=None,
+        **kwargs,
+    ) -> torch.LongTensor | DimpleGenerationOutput:
+        """Fill `max_new_tokens` mask slots after each prompt by discrete diffusion (phases 1-5, module docstring).
+
+        Args:
+            inputs / input_ids: left-padded prompts (batch, prompt_len); `attention_mask`, `pixel_values` and
+                `image_grid_thw` as returned by the processor.
+            inputs_embeds: prompt embeddings instead of (or with) `input_ids`; alone, the result holds the answer
+                only. Images already merged into them need `input_ids` and `image_grid_thw` for their positions.
+            generation_config: a `DimpleGenerationConfig` (or a transformers `GenerationConfig`); any of its fields
+                can also be passed as keywords. transformers' settings Dimple does not implement are accepted only
+                at their neutral values (`UNSUPPORTED_SETTINGS`).
+            tokenizer: as in transformers; used to find `stop_strings`.
+            streamer: transformers' `TextStreamer`/`TextIteratorStreamer` (final text, batch size 1); a streamer
+                with `put_draft` (e.g. `TextDiffusionStreamer`) also receives the answer canvas after every step.
+            response_template: structure prior, ids (answer_len,) or (batch, answer_len): `mask_token_id` marks
+                the slots to fill, every other token is fixed. Sets the answer length.
+            generation_tokens_hook_func(step, x, logits) -> x and generation_logits_hook_func(step, x, logits)
+                -> logits: the reference's hooks (first tokens-hook call has step=None, logits=None).
+
+        Returns:
+            prompt + answer ids (batch, prompt_len + answer_len), or a `DimpleGenerationOutput` with
+            `return_dict_in_generate=True`.
+        """
+        # 1. Resolve the settings and split off the model inputs.
+        request = self._resolve_request(inputs, generation_config, kwargs)
+        # 2. Check the prompt, build the canvas, embed the prompt once, place every position.
+        plan = self._prepare_decoding(request)
+        if streamer is not None:
+            prompt = plan.sequences[:: plan.config.num_return_sequences, : plan.prompt_len]
+            streamer.put(prompt.cpu() if plan.prompt_known else prompt[:, :0].cpu())
+        # 3-4. Block by block (one block unless `block_length`), forward and commit until no mask is left.
+        record = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=plan.sequences.device))
+        draft_streamer = streamer if hasattr(streamer, "put_draft") else None
+        for block_start in range(0, plan.answer_len, plan.block_len):
+            self._decode_block(plan, block_start, record, draft_streamer)
+        # 5. Report, apply stop strings, stream the final text, shape the output.
+        return self._finish(plan, record, request.tokenizer, streamer)
+
+    def _resolve_generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+    ) -> tuple[DimpleGenerationConfig, dict[str, Any]]:
+        """1. Call kwargs > `generation_config` argument > `model.generation_config` > class defaults; returns the
+        config and the kwargs that are not settings (the model inputs)."""
+        base = generation_config if generation_config is not None else self.generation_config
+        if not isinstance(base, DimpleGenerationConfig):
+            base = DimpleGenerationConfig.from_loaded(base)
+        config = copy.deepcopy(base)
+        model_inputs = config.update(**kwargs)
+        for key in ("mask_token_id", "pad_token_id", "eos_token_id"):
+            if getattr(config, key) is None:
+                setattr(config, key, getattr(self.config, key))
+        check_mask_token_id(config, self.config.vocab_size)
+        config.temperature = config.effective_temperature()
+        for flag in ("output_history", "output_scores"):
+            if getattr(config, flag) and not config.return_dict_in_generate:
+                raise ValueError(f"{flag}=True needs return_dict_in_generate=True (the result lives in the output).")
+        return config, model_inputs
+
+    def _resolve_request(
+        self, inputs: torch.LongTensor | None, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+    ) -> _GenerateRequest:
+        """1. Split one call's keywords into the generate-only extras, the settings and the model inputs."""
+        tokens_hook = kwargs.pop("generation_tokens_hook_func", None)
+        logits_hook = checked_logits_hook(kwargs.pop("generation_logits_hook_func", None))
+        template = kwargs.pop("response_template", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        refuse_unsupported_arguments(kwargs)
+        length_given_as_total = "max_length" in kwargs and "max_new_tokens" not in kwargs
+        config, model_inputs = self._resolve_generation_config(generation_config, kwargs)
+        input_ids = inputs if inputs is not None else model_inputs.pop("input_ids", None)
+        prompt = {name: model_inputs.pop(name, None) for name in MODEL_INPUT_NAMES}
+        if model_inputs:
+            raise TypeError(
+                f"generate() got unexpected keyword arguments {sorted(model_inputs)}. Positions are computed from "
+                "input_ids; decoding settings are the fields of DimpleGenerationConfig."
+            )
+        if config.stop_strings is not None and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer to read the answer: pass tokenizer=processor.tokenizer.")
+        return _GenerateRequest(
+            config, input_ids, prompt, template, length_given_as_total, tokenizer, tokens_hook, logits_hook
+        )
+
+    def _prepare_decoding(self, request: _GenerateRequest) -> _DecodingPlan:
+        """2. The canvas after the checked prompt, the prompt's embeddings (images merged) and every position."""
+        config, inputs, input_ids = request.config, request.inputs, request.input_ids
+        inputs_embeds, attention_mask = inputs["inputs_embeds"], inputs["attention_mask"]
+        # With `inputs_embeds` alone the prompt's tokens are unknown: pad ids stand in for them (attended through
+        # the attention mask, never output), and the result holds the answer only, as transformers returns it.
+        prompt_known = input_ids is not None or inputs_embeds is None
+        if not prompt_known:
+            if request.tokens_hook is not None or request.logits_hook is not None:
+                raise ValueError("The generation hooks see prompt tokens; with inputs_embeds, also pass input_ids.")
+            input_ids = torch.full(inputs_embeds.shape[:2], config.pad_token_id, dtype=torch.long)
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        input_ids, attention_mask = check_prompt(
+            input_ids, attention_mask, config.mask_token_id, self.config, self.device
+        )
+        batch_size, prompt_len = input_ids.shape
+        canvas = initial_canvas(
+            config, request.template, batch_size, prompt_len, request.length_given_as_total, self.config, self.device
+        )
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.to(self.device, self.dtype)
+        prompt_embeds, placeholder_ids = self._embed_inputs(
+            input_ids if prompt_known else None, inputs_embeds, inputs["pixel_values"], inputs["image_grid_thw"],
+            inputs["mm_token_type_ids"], has_position_ids=False,
+        )
+        sequences = torch.cat([input_ids, canvas], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(canvas.shape)], dim=1)
+        if request.tokens_hook is not None:
+            sequences = checked_hook_tokens(request.tokens_hook(None, sequences, None), sequences, canvas.shape[1])
+        rope_prompt = input_ids if placeholder_ids is None else placeholder_ids
+        rope_ids = torch.cat([rope_prompt, sequences[:, prompt_len:]], dim=1)
+        position_ids, _ = self._rope_positions(rope_ids, inputs["image_grid_thw"], attention_mask)
+        repeats = config.num_return_sequences
+        if repeats > 1:
+            sequences, attention_mask, prompt_embeds = (
+                t.repeat_interleave(repeats, dim=0) for t in (sequences, attention_mask, prompt_embeds)
+            )
+            position_ids = position_ids.repeat_interleave(repeats, dim=1)
+        answer_positions = torch.arange(sequences.shape[1], device=self.device) >= prompt_len
+        counted = attention_mask.bool() if prompt_known else answer_positions
+        return self._plan_steps(
+            request, sequences, prompt_len, prompt_known, prompt_embeds, position_ids, attention_mask, counted
+        )
+
+    def _plan_steps(
+        self,
+        request: _GenerateRequest,
+        sequences: torch.LongTensor,
+        prompt_len: int,
+        prompt_known: bool,
+        prompt_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> _DecodingPlan:
+        """2. The step plan: blocks and their step budget, the timestep grid, banned and stop tokens, the cache and
+        the compiled forward."""
+        config = request.config
+        answer_len = sequences.shape[1] - prompt_len
+        block_len = min(config.block_length or answer_len, answer_len)
+        num_blocks = -(-answer_len // block_len)
+        if num_blocks > 1 and (request.tokens_hook is not None or request.logits_hook is not None):
+            raise ValueError(
+                "generation_tokens_hook_func / generation_logits_hook_func follow the reference's single-block "
+                "decoding; unset block_length (or make it >= max_new_tokens) to use them."
+            )
+        steps = config.steps or answer_len
+        block_steps = steps if num_blocks == 1 else -(-steps // num_blocks)
+        banned_ids = [config.mask_token_id] + [getattr(self.config, name) for name in VISION_TOKEN_KEYS]
+        banned_ids += list(config.suppress_tokens or []) + [words[0] for words in config.bad_words_ids or []]
+        banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
+        banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
+        stop_ids = [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)]
+        compile_config = config.compile_config or CompileConfig(mode="default")
+        return _DecodingPlan(
+            config=config,
+            sequences=sequences,
+            prompt_len=prompt_len,
+            prompt_known=prompt_known,
+            prompt_embeds=prompt_embeds,
+            position_ids=position_ids,
+            attention_mask=None if bool(attention_mask.all()) else attention_mask,
+            counted=counted,
+            banned=banned,
+            stop_ids=torch.tensor(stop_ids, device=sequences.device),
+            answer_masks_at_start=(sequences[:, prompt_len:] == config.mask_token_id).sum(dim=1),
+            block_len=block_len,
+            block_steps=block_steps,
+            timesteps=torch.linspace(1, config.eps, block_steps + 1, device=sequences.device),
+            tokens_hook=request.tokens_hook,
+            logits_hook=request.logits_hook,
+            cache=DimpleDiffusionCache(self.config.num_hidden_layers) if config.use_cache else None,
+            compiled_forward=self.get_compiled_call(compile_config) if config.compile_forward else None,
+        )
+
+    def _decode_block(
+        self, plan: _DecodingPlan, block_start: int, record: _DecodingRecord, draft_streamer: Any
+    ) -> None:
+        """3-4. The steps of one block: until no mask is left in it (`dim`) or its steps are spent."""
+        config, mask_id = plan.config, plan.config.mask_token_id
+        answer_index = torch.arange(plan.answer_len, device=plan.sequences.device)
+        in_block = (answer_index >= block_start) & (answer_index < block_start + plan.block_len)
+        block_masks_at_start = ((plan.canvas == mask_id) & in_block).sum(dim=1)
+        masks_left = int(block_masks_at_start.sum())  # one host synchronisation per block ...
+        if masks_left == 0:
+            return
+        for step in range(plan.block_steps):
+            masked = (plan.canvas == mask_id) & in_block
+            # (row, answer index) of every mask; its size is known on the host, so no synchronisation here.
+            coords = torch.nonzero_static(masked, size=masks_left)
+            window, logits, masked_logits = self._step_logits(plan, step, block_start, coords)
+            record.forward_passes += 1
+            canvas = self._commit_step(plan, step, masked, coords, masked_logits, block_masks_at_start, record)
+            if plan.tokens_hook is not None:
+                updated = torch.cat([window[:, : -plan.answer_len], canvas], dim=1)
+                updated = checked_hook_tokens(plan.tokens_hook(step, updated, logits), updated, plan.answer_len)
+                canvas = updated[:, -plan.answer_len :]
+            plan.sequences[:, plan.prompt_len :] = canvas
+            if config.output_history:
+                record.history.append(plan.sequences.clone())
+            if draft_streamer is not None:
+                draft_streamer.put_draft(canvas.cpu())
+            masks_left = int(((canvas == mask_id) & in_block).sum())  # ... and one per step
+            if config.decoding_pipeline == "dim" and masks_left == 0:
+                break
+        record.unfinished += masks_left
+
+    def _step_logits(
+        self, plan: _DecodingPlan, step: int, block_start: int, coords: torch.LongTensor
+    ) -> tuple[torch.LongTensor, torch.Tensor | None, torch.Tensor]:
+        """3. One forward pass over the step's window. Returns the window's ids, the hooks' logits (every position,
+        shifted so that index i predicts token i; None without hooks) and the masked positions' logits (K, vocab)
+        in `coords` order.
+
+        Where logits are cut is decided here only: hooks see every position; a compiled forward keeps every row
+        (one static shape) and the masked rows are gathered afterwards; otherwise the LM head runs on them only.
+        The first step (and every step without the cache) reads the whole sequence; later steps read the block
+        from one position before it (logits at position i predict token i + 1) to the end of the block.
+        """
+        total_len = plan.sequences.shape[1]
+        start, end = 0, total_len
+        if plan.cache is not None and step > 0:
+            start = plan.prompt_len + block_start - 1
+            end = min(plan.prompt_len + block_start + plan.block_len, total_len)
+            plan.cache.set_window(start)
+        answer_embeds = self.get_input_embeddings()(plan.sequences[:, max(start, plan.prompt_len) : end])
+        embeds = torch.cat([plan.prompt_embeds[:, start:], answer_embeds], dim=1)
+        keep = torch.stack([coords[:, 0], coords[:, 1] + (plan.prompt_len - 1 - start)], dim=1)
+        # Passes that fill the cache run eagerly, so its buffers live outside any graph at fixed addresses.
+        compiled = plan.compiled_forward is not None and (plan.cache is None or step > 0)
+        logits = (plan.compiled_forward if compiled else self)(
+            inputs_embeds=embeds,
+            attention_mask=plan.attention_mask,
+            position_ids=plan.position_ids[..., start:end],
+            cache=plan.cache,
+            logits_to_keep=0 if plan.hooked or compiled else keep,
+        ).logits
+        window = plan.sequences[:, start:end]
+        if not plan.hooked:
+            return window, None, logits[keep[:, 0], keep[:, 1]] if compiled else logits
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if plan.logits_hook is not None:
+            logits = plan.logits_hook(step, window, logits)
+        return window, logits, logits[:, -plan.answer_len :][coords[:, 0], coords[:, 1]]
+
+    def _commit_step(
+        self,
+        plan: _DecodingPlan,
+        step: int,
+        masked: torch.Tensor,
+        coords: torch.LongTensor,
+        logits: torch.Tensor,
+        block_masks_at_start: torch.Tensor,
+        record: _DecodingRecord,
+    ) -> torch.LongTensor:
+        """4. Propose a token for every masked position, then commit per row those the pipeline's rule picks;
+        returns the new canvas. Token rules (repetition penalty, min_new_tokens) act on the logits first."""
+        config, rows, columns = plan.config, coords[:, 0], coords[:, 1]
+        record.nonfinite_steps += has_nonfinite_logits(logits)
+        if config.repetition_penalty not in (None, 1.0):
+            present = plan.counted & (plan.sequences != config.mask_token_id)
+            seen = token_presence(plan.sequences, present, self.config.vocab_size)
+            logits = penalize_repetitions(logits, seen[rows], config.repetition_penalty)
+        if config.min_new_tokens:
+            logits = forbid_tokens(logits, columns < config.min_new_tokens, plan.stop_ids)
+        tokens, original, filtered = propose_tokens(
+            logits.float(), config.temperature, config.top_p, config.top_k, plan.banned
+        )
+        use_original = config.use_original_confidence and config.decoding_pipeline == "dim"
+        scores = token_confidence(config.alg, original if use_original else filtered, tokens)
+        confidence = torch.full(masked.shape, float("-inf"), device=masked.device).index_put((rows, columns), scores)
+        if config.output_scores:
+            record.scores.append(confidence)
+        if config.decoding_pipeline == "dim":
+            commit = dimple_commit_mask(
+                config.alg, config.alg_p_threshold, config.alg_temp, step, plan.block_steps, confidence, masked,
+                block_masks_at_start, plan.timesteps,
+            )
+        else:
+            commit = dream_commit_mask(
+                config.alg, config.alg_temp, step, plan.block_steps, confidence, masked, plan.timesteps
+            )
+        return torch.where(commit, plan.canvas.index_put((rows, columns), tokens), plan.canvas)
+
+    def _finish(
+        self, plan: _DecodingPlan, record: _DecodingRecord, tokenizer: Any, streamer: Any
+    ) -> torch.LongTensor | DimpleGenerationOutput:
+        """5. Warn about NaN logits and unfilled slots, end rows at stop strings, stream the final text, and
+        return the sequences (or the output with the decoding statistics)."""
+        config, prompt_len = plan.config, plan.prompt_len
+        warn_about_nonfinite_logits(int(record.nonfinite_steps), record.forward_passes)
+        if record.unfinished:
+            logger.warning(
+                f"{record.unfinished} <|mask|> token(s) are still in the answer after {plan.block_steps} step(s) per "
+                f"block (alg={config.alg!r}, alg_p_threshold={config.alg_p_threshold}); raise `steps` or enable "
+                "confident decoding to fill every slot."
+            )
+        if config.stop_strings is not None:
+            stop_strings = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings
+            plan.sequences[:, prompt_len:] = end_at_stop_strings(
+                plan.canvas, stop_strings, tokenizer, config.pad_token_id
+            )
+        if streamer is not None:
+            stop_ids = plan.stop_ids.tolist()
+            keep_len = int(answer_lengths(plan.canvas, stop_ids)[0]) if stop_ids else plan.answer_len
+            streamer.put(plan.canvas[:, :keep_len].cpu())
+            streamer.end()
+        shown = slice(None) if plan.prompt_known else slice(prompt_len, None)
+        if not config.return_dict_in_generate:
+            return plan.sequences[:, shown]
+        committed = plan.answer_masks_at_start - (plan.canvas == config.mask_token_id).sum(dim=1)
+        return DimpleGenerationOutput(
+            sequences=plan.sequences[:, shown],
+            history=tuple(snapshot[:, shown] for snapshot in record.history) if config.output_history else None,
+            scores=tuple(record.scores) if config.output_scores else None,
+            num_forward_passes=record.forward_passes,
+            tokens_per_forward=committed.float() / max(record.forward_passes, 1),
+        )
+
+
+def warn_about_nonfinite_logits(bad_steps: int, forward_passes: int) -> None:
+    """NaN/inf logits make confidences meaningless and the answer garbage; a warning (not an error) because the
+    other rows of a batch may be fine and the output is still returned for inspection."""
+    if bad_steps:
+        logger.warning(
+            f"The logits held NaN or inf at {bad_steps} of {forward_passes} step(s), so the answer is meaningless. "
+            "Check the weights (load with strict=True, the default, to refuse non-finite weights) and the dtype: "
+            "float16 can overflow where bfloat16 or float32 do not."
+        )

@@ -1,0 +1,242 @@
+"""The unmasking rules of diffusion decoding: small pure functions, one job each.
+
+Each works on the K masked positions of a step (flattened logits and probabilities, (K, vocab)) or on
+(batch, answer_len) grids, and returns what its name says: proposed tokens, confidences, per-row commit counts,
+or a boolean mask of positions to commit. Put `dimple_commit_mask` beside Fast-dLLM's `get_transfer_index`: both
+take confidences and the masked positions and return the positions to fill now.
+
+Unlike the reference, every count and every top-k is computed per row, so a row's answer never depends on its batch
+mates; at batch size 1 the arithmetic (float32 schedule, strict `>` threshold, argmax and confidence definitions)
+is the reference's.
+"""
+
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+
+def propose_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    banned: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate token per masked position, plus the unfiltered and filtered distributions (K, V).
+
+    Tokens are argmax (temperature 0) or sampled from the temperature/top-p/top-k filtered distribution;
+    `banned` ids (mask, vision tokens) are never proposed, without altering either distribution.
+    """
+    original = logits.softmax(dim=-1)
+    if temperature == 0 and top_p in (None, 1) and top_k is None:
+        # Greedy without filters (the default): the filtered distribution is the original one.
+        return original.masked_fill(banned, 0.0).max(dim=-1).indices, original, original
+    scores = logits / temperature if temperature > 0 else logits
+    if top_p is not None and top_p < 1:
+        scores = TopPLogitsWarper(top_p, filter_value=torch.finfo(scores.dtype).min)(None, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k, filter_value=torch.finfo(scores.dtype).min)(None, scores)
+    filtered = scores.softmax(dim=-1)
+    weights = filtered.masked_fill(banned, 0.0)
+    weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, original.masked_fill(banned, 0.0))
+    if temperature > 0:
+        tokens = torch.multinomial(weights, num_samples=1).squeeze(-1)
+    else:
+        tokens = weights.max(dim=-1).indices
+    return tokens, original, filtered
+
+
+def token_confidence(alg: str, probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Confidence per masked position: probability of the token, top-1 minus top-2, or negative entropy."""
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if alg == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    return probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def snapped_commit_counts(
+    masks_left: torch.Tensor, masks_at_start: torch.Tensor, step: int, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dim` fallback: how many tokens each row commits now, and the grid value s that gave that count.
+
+    The row's progress r = masks_left / masks_at_start is snapped to the first grid point s ahead of both r and
+    the current step for which floor(masks_left * (1 - s / r)) >= 1; the final grid point means "all".
+    """
+    steps = timesteps.numel() - 1
+    ratio = masks_left / masks_at_start.clamp(min=1)
+    first_below = (timesteps[None, :] >= ratio[:, None]).sum(dim=1)
+    start = first_below.clamp(min=step + 1)
+    counts = (masks_left[:, None].float() * (1 - timesteps[None, :] / ratio[:, None])).nan_to_num(0.0).long()
+    counts[:, -1] = masks_left
+    index = torch.arange(steps + 1, device=timesteps.device)
+    usable = (index[None, :] >= start[:, None]) & (counts >= 1)
+    chosen = torch.where(usable.any(dim=1), usable.int().argmax(dim=1), steps)
+    row_counts = counts.gather(1, chosen[:, None]).squeeze(1)
+    return torch.where(masks_left > 0, row_counts, 0), timesteps[chosen]
+
+
+def linear_commit_counts(masks_left: torch.Tensor, step: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """`dream` schedule: commit floor(masks_left * (1 - s / t)) at grid step t -> s, everything at the end."""
+    if step == timesteps.numel() - 2:
+        return masks_left
+    t, s = timesteps[step], timesteps[step + 1]
+    return (masks_left.float() * (1 - s / t)).long()
+
+
+def most_confident_mask(
+    confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor, alg_temp: float | None
+) -> torch.Tensor:
+    """Per row, the `counts` masked positions of highest confidence, or sampled from softmax(conf / alg_temp)."""
+    scores = confidence
+    if alg_temp:
+        logp = (confidence / alg_temp).masked_fill(~masked, float("-inf")).log_softmax(dim=-1)
+        gumbel = -torch.log(-torch.log(torch.rand_like(logp).clamp(min=1e-20)))
+        scores = logp + gumbel
+    return top_count_mask(scores.masked_fill(~masked, float("-inf")), counts) & masked
+
+
+def random_mask(masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, `counts` masked positions uniformly at random (alg `origin`)."""
+    return top_count_mask(torch.rand(masked.shape, device=masked.device).masked_fill(~masked, -1.0), counts) & masked
+
+
+def leftmost_mask(masked: torch.Tensor) -> torch.Tensor:
+    """The first masked position of each row (alg `autoregressive`)."""
+    first = torch.zeros_like(masked)
+    first.scatter_(1, masked.int().argmax(dim=1, keepdim=True), True)
+    return first & masked
+
+
+def top_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean grid: True where a position is among the `counts[row]` highest scores of its row."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    return ranks < counts[:, None]
+
+
+def scheduled_mask(
+    alg: str, confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor, alg_temp: float | None
+) -> torch.Tensor:
+    """Positions an algorithm commits once the schedule has fixed each row's count."""
+    if alg == "autoregressive":
+        return leftmost_mask(masked)
+    if alg == "origin":
+        return random_mask(masked, counts)
+    return most_confident_mask(confidence, masked, counts, alg_temp)
+
+
+def dimple_commit_mask(
+    alg: str,
+    alg_p_threshold: float | None,
+    alg_temp: float | None,
+    step: int,
+    steps: int,
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    masks_at_start: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Dimple's rule (`dim` pipeline), the positions to commit: per row, every masked position whose confidence
+    passes `alg_p_threshold` (all of them at the last step); rows where none passes use the snapped schedule."""
+    masks_left = masked.sum(dim=1)
+    counts, grid_value = snapped_commit_counts(masks_left, masks_at_start, step, timesteps)
+    if alg == "origin-ratio":
+        ratio = masks_left / masks_at_start.clamp(min=1)
+        is_last = grid_value == timesteps[-1]
+        probability = torch.where(is_last, torch.ones_like(ratio), 1 - grid_value / ratio)
+        chosen = (torch.rand(masked.shape, device=masked.device) < probability[:, None]) & masked
+    else:
+        chosen = scheduled_mask(alg, confidence, masked, counts, alg_temp)
+    if not alg_p_threshold:
+        return chosen
+    confident = masked if step == steps - 1 else masked & (confidence > alg_p_threshold)
+    return torch.where(confident.any(dim=1, keepdim=True), confident, chosen)
+
+
+def dream_commit_mask(
+    alg: str,
+    alg_temp: float | None,
+    step: int,
+    steps: int,
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Dream's rule (`dream` pipeline), the positions to commit: a linear schedule over exactly `steps` steps."""
+    if alg == "autoregressive":
+        return leftmost_mask(masked)
+    if alg == "origin":
+        t, s = timesteps[step], timesteps[step + 1]
+        probability = 1.0 if step == steps - 1 else 1 - s / t
+        return (torch.rand(masked.shape, device=masked.device) < probability) & masked
+    counts = linear_commit_counts(masked.sum(dim=1), step, timesteps)
+    return most_confident_mask(confidence, masked, counts, alg_temp)
+
+
+def token_presence(sequences: torch.LongTensor, counted: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(batch, vocab) bool: which tokens each row holds at its `counted` positions."""
+    index = torch.where(counted, sequences, vocab_size).clamp(max=vocab_size)
+    present = torch.zeros(sequences.shape[0], vocab_size + 1, dtype=torch.bool, device=sequences.device)
+    return present.scatter_(1, index, True)[:, :vocab_size]
+
+
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty (CTRL): logits of tokens already seen are divided by `penalty` when
+    positive and multiplied by it when negative; applied to every masked position of the row."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def forbid_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Set `token_ids` to -inf in the selected rows (min_new_tokens: no stop token before position N)."""
+    if token_ids.numel() == 0:
+        return logits
+    logits = logits.clone()
+    logits[:, token_ids] = logits[:, token_ids].masked_fill(rows[:, None], float("-inf"))
+    return logits
+
+
+def end_at_stop_strings(
+    answers: torch.LongTensor, stop_strings: list[str], tokenizer: Any, fill_id: int
+) -> torch.LongTensor:
+    """Per row, every token after the one that completes the first stop string becomes `fill_id` (EOS), so the
+    answer ends there (decoders and `post_process_image_text_to_text` cut at it); the stop string is kept.
+
+    A row is decoded once; only a row holding a stop string is searched, by bisection over its prefixes (a prefix
+    that holds a stop string stays holding it as it grows), so the cost is O(log answer_len) decodes per row."""
+    answers = answers.clone()
+    for row in answers:
+        ids = row.tolist()
+
+        def holds_stop(end: int) -> bool:
+            text = tokenizer.decode(ids[:end])
+            return any(stop in text for stop in stop_strings)
+
+        if not holds_stop(len(ids)):
+            continue
+        low, high = 1, len(ids)  # the shortest prefix holding a stop string lies in [low, high]
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if holds_stop(middle) else (middle + 1, high)
+        row[high:] = fill_id
+    return answers
+
+
+def answer_lengths(answers: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Per row, the number of answer tokens before the first stop token (EOS, `<|endoftext|>`): where a diffusion
+    answer, which fills every slot of its canvas, ends. The one rule for streamers, the server and the processor."""
+    stops = torch.isin(answers, torch.tensor(stop_ids, device=answers.device))
+    has_stop = stops.any(dim=1)
+    return torch.where(has_stop, stops.int().argmax(dim=1), answers.shape[1])
+
+
+def has_nonfinite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """0-d tensor: whether any row holds NaN or +inf, computed on the device (no host synchronisation).
+
+    A row's float32 sum is NaN or +inf exactly then; -inf (tokens banned by a logits hook) keeps it at -inf."""
+    sums = logits.sum(dim=-1, dtype=torch.float32)
+    return (sums.isnan() | (sums == float("inf"))).any()
