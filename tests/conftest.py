@@ -3,18 +3,24 @@
 import json
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from transformers import BatchFeature
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from isolated import run_without_dimple
+from prompts import encode, picture
 
 from dimple.processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
-from dimple.tiny import SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, tiny_vocab_and_merges
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.tiny.build import (
+    SPECIAL_TOKENS,
+    build_tiny_model,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    tiny_vocab_and_merges,
+)
 from dimple.tokenization_dimple import DimpleTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,27 +45,58 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny random Dimple and its processor, built once per test module (generation, decoding modes, compile,
-# hardening tests)
+# A tiny random Dimple, its processor and prompts for it, built once per test module (the generation_*, decoding
+# modes, structure priors, compile, compat, image loading, processor, standard API, trust and safe loading tests)
 # ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def processor() -> DimpleProcessor:
+    """The tiny processor (min_pixels 56*56, max_pixels 28*28*64); a test that changes it must undo the change."""
     return build_tiny_processor()
 
 
 @pytest.fixture(scope="module")
 def model(processor: DimpleProcessor):
+    """The tiny random Dimple, shared by a module: a test that changes its weights builds its own."""
     return build_tiny_model(processor)
 
 
+@pytest.fixture(scope="module")
+def padded_batch(processor: DimpleProcessor) -> BatchFeature:
+    """Two text prompts of different lengths: row 0 is left-padded."""
+    return encode(processor, ["Hi.", "A much longer prompt about the cat."])
+
+
+@pytest.fixture(scope="module")
+def image_inputs(processor: DimpleProcessor) -> BatchFeature:
+    """One prompt with one 56x84 picture (6 image tokens)."""
+    return encode(processor, [("Describe it.", [picture(56, 84)])])
+
+
+@pytest.fixture
+def no_forward(model) -> Iterator[None]:
+    """Fails the test if the model runs a forward pass during it: bad input is refused before any compute."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    yield
+    handle.remove()
+    assert not calls, "the error must come before any forward pass"
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Processor / tokenizer / image fixtures (tests/test_processor.py)
+# Tokenizer, image-file, released-layout and fresh-interpreter fixtures (the tokenizer, processor and install-code
+# tests)
 # ---------------------------------------------------------------------------------------------------------
 
-# Remote-code files a processor folder needs (the processor, image processor and tokenizer modules).
-PROCESSOR_CODE_FILES = ("processing_dimple.py", "image_processing_dimple.py", "tokenization_dimple.py")
+# Remote-code files a processor folder needs: the processor, image-processor and tokenizer modules and the modules
+# they import relatively, found as transformers finds them.
+PROCESSOR_ENTRY_FILES = ("processing_dimple.py", "image_processing_dimple.py", "tokenization_dimple.py")
+PROCESSOR_CODE_FILES = tuple(sorted({
+    Path(path).name
+    for entry in PROCESSOR_ENTRY_FILES
+    for path in (REPO_ROOT / entry, *get_relative_import_files(str(REPO_ROOT / entry)))
+}))
 
 
 @pytest.fixture
@@ -69,29 +106,8 @@ def tiny_tokenizer() -> DimpleTokenizer:
 
 
 @pytest.fixture
-def tiny_processor() -> DimpleProcessor:
-    """A fresh tiny processor: min_pixels 56*56, max_pixels 28*28*64."""
-    return build_tiny_processor()
-
-
-def _pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic RGB image with smooth gradients plus noise, so resizing and JPEG both change pixels."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack([xs * 255 / max(width - 1, 1), ys * 255 / max(height - 1, 1), (xs + ys) % 256], axis=-1)
-    noisy = base + rng.normal(0.0, 20.0, size=base.shape)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="RGB")
-
-
-@pytest.fixture
-def make_image() -> Callable[..., Image.Image]:
-    """Factory ``make_image(width, height, seed=0)`` for deterministic patterned RGB PIL images."""
-    return _pattern_image
-
-
-@pytest.fixture
-def write_image(tmp_path: Path) -> Callable[..., Path]:
-    """Factory ``write_image(name, width, height, seed=0)``: saves a patterned image as a real file.
+def image_file(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``image_file(name, width, height, seed=0)``: a `picture` saved as a real file.
 
     The format follows the suffix of ``name`` (``.png`` or ``.jpg``).
     """
@@ -99,7 +115,7 @@ def write_image(tmp_path: Path) -> Callable[..., Path]:
     def write(name: str, width: int, height: int, seed: int = 0) -> Path:
         path = tmp_path / "images" / name
         path.parent.mkdir(exist_ok=True)
-        _pattern_image(width, height, seed).save(path)
+        picture(width, height, seed).save(path)
         return path
 
     return write

@@ -1,7 +1,12 @@
-"""Prompt material shared by the generation tests: seeded noise pictures and single-turn chats."""
+"""Prompt material shared by the tests: placeholders, seeded noise pictures, single-turn chats and their batches."""
 
 import torch
 from PIL import Image
+from transformers import BatchFeature
+
+# The vision placeholders as a chat template writes them; the processor expands each pad to the picture's tokens.
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -17,7 +22,13 @@ def chat(text: str, images: int = 0) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def text_batch(processor, texts: list[str]):
-    """Single-turn text chats, left-padded into one batch by the processor."""
-    prompts = [processor.apply_chat_template(chat(text), add_generation_prompt=True) for text in texts]
-    return processor(text=prompts, padding="longest", return_tensors="pt")
+def encode(processor, prompts: list[str | tuple[str, list]]) -> BatchFeature:
+    """Single-turn chats, left-padded into one batch by the processor, as a caller of `generate` builds them.
+
+    A prompt is its text, or (text, pictures): the turn gets one placeholder per picture, so the two counts cannot
+    disagree by accident (a test of that mismatch calls the processor itself).
+    """
+    turns = [(prompt, []) if isinstance(prompt, str) else prompt for prompt in prompts]
+    texts = [processor.apply_chat_template(chat(text, len(shown)), add_generation_prompt=True) for text, shown in turns]
+    images = [image for _, shown in turns for image in shown] or None
+    return processor(text=texts, images=images, padding="longest", return_tensors="pt")

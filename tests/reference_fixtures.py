@@ -64,7 +64,8 @@ def forward_cases() -> list[tuple[ReferenceSet, dict]]:
 
 
 def generation_runs(batch_one: bool) -> list[tuple[ReferenceSet, dict, dict]]:
-    """Recorded runs; tie-dependent ones are left out (their order is CPU top-k tie-breaking, README §8.7)."""
+    """Recorded runs; tie-dependent ones are left out (their order is CPU top-k tie-breaking; the fixtures' README
+    allows leaving them out)."""
     return [
         (ref, case, run)
         for ref in all_sets()

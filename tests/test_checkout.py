@@ -27,7 +27,7 @@ def test_remote_code_imports_only_what_every_transformers_install_has():
     from transformers.dynamic_module_utils import get_imports
 
     required_by_transformers = {"torch", "transformers", "numpy", "PIL", "tokenizers", "safetensors", "huggingface_hub"}
-    shipped = sorted((REPO_ROOT / "tiny_checkpoint").glob("*.py"))
+    shipped = sorted((REPO_ROOT / "tiny" / "checkpoint").glob("*.py"))
     assert shipped, "the bundled checkpoint carries its remote code"
     for code_file in shipped:
         foreign = set(get_imports(code_file)) - required_by_transformers - set(sys.stdlib_module_names)

@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from dimple import DimpleModel, DimpleProcessor
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
-from dimple.train_tiny import COUNT_WORDS, EXAMPLE_INDEX, SPLIT_SEEDS, render, trained_config
+from dimple.tiny.build import build_tiny_processor
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
+from dimple.tiny.train import COUNT_WORDS, EXAMPLE_INDEX, SPLIT_SEEDS, render, trained_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -150,7 +150,7 @@ def test_the_readme_quick_start_command_describes_the_bundled_example_correctly(
     command = shlex.split(quick_start.splitlines()[0].split("&&", 1)[1])
     assert command[:2] == ["dimple", "generate"]
     image, colour, shape, count = render(random.Random(SPLIT_SEEDS["test"] + EXAMPLE_INDEX))
-    with Image.open(README.parent / "tiny_checkpoint" / "example.png") as bundled:
+    with Image.open(README.parent / "tiny" / "checkpoint" / "example.png") as bundled:
         assert list(bundled.convert("RGB").getdata()) == list(image.getdata())
     result = run_cli(*command[1:], cwd=README.parent)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from prompts import text_batch
+from prompts import encode
 
 
 @pytest.fixture(scope="module")
 def inputs(processor):
-    return text_batch(processor, ["Hello there.", "What is the answer to this question?"])
+    return encode(processor, ["Hello there.", "What is the answer to this question?"])
 
 
 @pytest.mark.parametrize(
@@ -32,10 +32,10 @@ def test_inductor_compiled_steps_give_the_same_tokens(model, inputs):
     settings = dict(max_new_tokens=12, alg_p_threshold=0.3)
     eager = model.generate(**unpadded, **settings)
     first = model.generate(**unpadded, compile_forward=True, **settings)
-    built = dict(model._compiled_forwards)
+    built = model._compiled_call
     again = model.generate(**unpadded, compile_forward=True, **settings)
     assert torch.equal(first, eager) and torch.equal(again, eager)
-    assert model._compiled_forwards == built
+    assert model._compiled_call is built
 
 
 def test_compile_config_must_be_a_compile_config(model, inputs):

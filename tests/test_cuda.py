@@ -7,21 +7,15 @@ import torch
 import transformers
 from transformers import CompileConfig
 
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
-from prompts import text_batch
+from dimple.tiny.build import build_tiny_model
+from prompts import encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture(scope="module")
 def padded_inputs(processor):
-    return text_batch(processor, ["Hi.", "Tell me what the picture shows, in detail please."]).to("cuda")
+    return encode(processor, ["Hi.", "Tell me what the picture shows, in detail please."]).to("cuda")
 
 
 def cuda_model(processor, attn_implementation: str, dtype: torch.dtype):

@@ -1,26 +1,11 @@
-"""Decoding modes beyond the reference: LM head on masks only, block decoding and the window cache behind both
-cache modes."""
+"""Decoding modes beyond the reference change no token they should not: the LM head on masked positions only,
+block decoding left to right, and the window cache behind both cache modes, whose buffers never move."""
 
 import pytest
 import torch
-from PIL import Image
-from transformers.utils import logging
 
 from dimple.cache_dimple import DimpleDiffusionCache
-
-
-def encode(processor, texts: list[str], with_image: bool = True):
-    content = [{"type": "image"}] if with_image else []
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": content + [{"type": "text", "text": text}]}], add_generation_prompt=True
-        )
-        for text in texts
-    ]
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (56, 84, 3), generator=generator, dtype=torch.uint8).numpy()
-    images = [Image.fromarray(pixels)] * len(texts) if with_image else None
-    return processor(text=prompts, images=images, padding="longest", return_tensors="pt")
+from prompts import encode, picture
 
 
 def record_input_lengths(model) -> tuple[list[int], object]:
@@ -34,7 +19,7 @@ def record_input_lengths(model) -> tuple[list[int], object]:
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_lm_head_on_masked_positions_only_changes_no_token(model, processor, use_cache):
     """The default projects only masked rows; an identity logits hook forces the full LM head: same tokens."""
-    inputs = encode(processor, ["Hi.", "Describe the picture in detail."])
+    inputs = encode(processor, [("Hi.", [picture(84, 56)]), ("Describe the picture in detail.", [picture(84, 56)])])
     rows: list[int] = []
     handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
     try:
@@ -53,12 +38,13 @@ def test_lm_head_on_masked_positions_only_changes_no_token(model, processor, use
 
 def test_a_window_in_the_middle_sees_the_whole_cached_sequence(model, processor):
     """Feeding a window's own tokens again after a full pass reproduces the full pass's logits there."""
-    inputs = encode(processor, ["A short question?", "A much longer question about the picture?"])
+    prompts = [(text, [picture(84, 56)]) for text in ("A short question?", "A much longer question about the picture?")]
+    inputs = encode(processor, prompts)
     mask_id = model.config.mask_token_id
     ids = torch.cat([inputs["input_ids"], torch.full((2, 9), mask_id)], dim=1)
     ids[:, -9:-5] = torch.tensor([17, 42, 99, 7])
     attention_mask = torch.cat([inputs["attention_mask"], torch.ones(2, 9, dtype=torch.long)], dim=1)
-    position_ids, _ = model.get_rope_index(ids, inputs["image_grid_thw"], attention_mask)
+    position_ids, _ = model._rope_positions(ids, inputs["image_grid_thw"], attention_mask)
     cache = DimpleDiffusionCache(model.config.num_hidden_layers)
     with torch.no_grad():
         full = model(
@@ -77,12 +63,12 @@ def test_a_window_in_the_middle_sees_the_whole_cached_sequence(model, processor)
 def test_cache_buffers_keep_their_addresses_through_windows_and_refreshes(model, processor):
     """CUDA graphs replay a compiled window step only if the buffers it writes never move: they are marked static
     and every pass, full or windowed, writes into them in place; a refresh still leaves exactly fresh states."""
-    inputs = encode(processor, ["A question?"], with_image=False)
+    inputs = encode(processor, ["A question?"])
     mask_id = model.config.mask_token_id
     ids = torch.cat([inputs["input_ids"], torch.full((1, 6), mask_id)], dim=1)
     refreshed_ids = ids.clone()
     refreshed_ids[:, -6:-3] = torch.tensor([17, 42, 99])
-    positions, _ = model.get_rope_index(ids, None, None)
+    positions, _ = model._rope_positions(ids, None, None)
     cache = DimpleDiffusionCache(model.config.num_hidden_layers)
     with torch.no_grad():
         model(input_ids=ids, position_ids=positions, cache=cache)
@@ -100,7 +86,7 @@ def test_cache_buffers_keep_their_addresses_through_windows_and_refreshes(model,
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_blocks_are_decoded_left_to_right(model, processor, use_cache):
-    inputs = encode(processor, ["Describe it."])
+    inputs = encode(processor, [("Describe it.", [picture(84, 56)])])
     prompt_len, answer_len, block = inputs["input_ids"].shape[1], 12, 4
     lengths, handle = record_input_lengths(model)
     try:
@@ -134,26 +120,15 @@ def test_blocks_are_decoded_left_to_right(model, processor, use_cache):
 
 
 def test_one_step_per_block_needs_no_window_so_both_cache_modes_agree(model, processor):
-    inputs = encode(processor, ["What is shown?"])
+    inputs = encode(processor, [("What is shown?", [picture(84, 56)])])
     settings = dict(max_new_tokens=12, steps=3, block_length=4, alg_p_threshold=None)
     cached = model.generate(**inputs, use_cache=True, **settings)
     uncached = model.generate(**inputs, use_cache=False, **settings)
     assert torch.equal(cached, uncached)
 
 
-def test_block_decoding_rows_equal_their_prompts_alone(model, processor):
-    texts = ["Hi.", "Tell me everything you can see in this picture."]
-    batch = encode(processor, texts)
-    settings = dict(max_new_tokens=10, block_length=4, alg_p_threshold=0.3)
-    together = model.generate(**batch, **settings)
-    for row, text in enumerate(texts):
-        alone = encode(processor, [text])
-        solo = model.generate(**alone, **settings)
-        assert torch.equal(together[row, batch["input_ids"].shape[1] :], solo[0, alone["input_ids"].shape[1] :])
-
-
 def test_blocks_without_masks_cost_no_forward_and_prior_tokens_stay(model, processor):
-    inputs = encode(processor, ["Fill in the blanks."], with_image=False)
+    inputs = encode(processor, ["Fill in the blanks."])
     mask_id = model.config.mask_token_id
     template = torch.tensor([30, 31, 32, 33, mask_id, mask_id, 34, mask_id])
     out = model.generate(
@@ -165,33 +140,3 @@ def test_blocks_without_masks_cost_no_forward_and_prior_tokens_stay(model, proce
     assert torch.equal(answer[fixed], template[fixed])
     assert not (answer == mask_id).any()
     assert out.num_forward_passes <= 2
-
-
-def test_hooks_refuse_multi_block_decoding(model, processor):
-    inputs = encode(processor, ["Hi."], with_image=False)
-    with pytest.raises(ValueError, match="block_length"):
-        model.generate(
-            **inputs, max_new_tokens=8, block_length=4,
-            generation_tokens_hook_func=lambda step, x, logits: x,
-        )
-
-
-@pytest.mark.parametrize("block_length", [0, -4, 2.5, True])
-def test_block_length_must_be_a_positive_integer(model, processor, block_length):
-    inputs = encode(processor, ["Hi."], with_image=False)
-    with pytest.raises(ValueError, match="block_length"):
-        model.generate(**inputs, max_new_tokens=8, block_length=block_length)
-
-
-def test_masks_left_after_the_last_step_are_reported(model, processor, caplog):
-    """alg='autoregressive' with fewer steps than slots leaves masks (as the reference does): say so."""
-    inputs = encode(processor, ["Hi."], with_image=False)
-    logging.enable_propagation()
-    try:
-        with caplog.at_level("WARNING"):
-            out = model.generate(**inputs, max_new_tokens=8, steps=3, alg="autoregressive", alg_p_threshold=None)
-    finally:
-        logging.disable_propagation()
-    left = int((out == model.config.mask_token_id).sum())
-    assert left == 5
-    assert "5 <|mask|> token(s) are still in the answer" in caplog.text

@@ -17,10 +17,10 @@ import pytest
 import torch
 from cli_errors import user_error_line
 from isolated import run_without_dimple
+from prompts import picture
 
 from dimple.remote_code import code_files, install_code
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.tiny.build import build_tiny_model, build_tiny_processor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RELEASED_CODE = (
@@ -101,9 +101,9 @@ def load_script(folders: list[Path], inputs_path: Path) -> str:
     )
 
 
-def model_inputs(tmp_path: Path, make_image) -> Path:
+def model_inputs(tmp_path: Path) -> Path:
     processor = build_tiny_processor()
-    messages = [{"role": "user", "content": [{"type": "image", "image": make_image(64, 48)},
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture(64, 48)},
                                              {"type": "text", "text": "What is shown in this picture?"}]}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -113,7 +113,7 @@ def model_inputs(tmp_path: Path, make_image) -> Path:
     return path
 
 
-def test_install_code_in_place_and_into_a_new_folder(released_repo, tmp_path, make_image):
+def test_install_code_in_place_and_into_a_new_folder(released_repo, tmp_path):
     folder, model = released_repo
     blobs = tmp_path / "blobs"
     before = {path.name: path.read_bytes() for path in folder.iterdir() if not path.is_symlink()}
@@ -161,7 +161,7 @@ def test_install_code_in_place_and_into_a_new_folder(released_repo, tmp_path, ma
         tokenizer_map = json.loads((target / "tokenizer_config.json").read_text())["auto_map"]
         assert tokenizer_map["AutoTokenizer"] == ["tokenization_dimple.DimpleTokenizer", None]
 
-    inputs_path = model_inputs(tmp_path, make_image)
+    inputs_path = model_inputs(tmp_path)
     workdir = tmp_path / "fresh"
     workdir.mkdir()
     result = run_without_dimple(load_script([folder, new], inputs_path), workdir)

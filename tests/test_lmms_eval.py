@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dimple import DimpleModel, DimpleProcessor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
 
 pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs pip install 'dimple-hf[eval]'")
 

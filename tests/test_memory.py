@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers.cache_utils import Cache
 
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.tiny.build import build_tiny_model, build_tiny_processor
+from prompts import encode
 
 CALLS = 1_000
 WARM_UP = 50
@@ -40,17 +40,8 @@ def one_thread():
 def test_thousand_generate_calls_do_not_grow_memory(one_thread):
     processor = build_tiny_processor()
     model = build_tiny_model(processor)
-    texts = [
-        processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        for text in ("Hi.", "Describe the cat please.")
-    ]
-    text_batch = processor(text=texts, padding="longest", return_tensors="pt")
-    image_chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    image_prompt = processor(
-        text=[processor.apply_chat_template(image_chat, add_generation_prompt=True)],
-        images=[Image.new("RGB", (56, 56), (200, 30, 30))],
-        return_tensors="pt",
-    )
+    text_batch = encode(processor, ["Hi.", "Describe the cat please."])
+    image_prompt = encode(processor, [("What is it?", [Image.new("RGB", (56, 56), (200, 30, 30))])])
     # Every kind of call a server makes: prefix cache on and off, both pipelines, dict output with history, images.
     calls = [
         (text_batch, {}),

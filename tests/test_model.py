@@ -134,7 +134,7 @@ def test_unknown_attention_implementation_is_refused():
 
 
 def test_remote_code_round_trip_in_a_fresh_process(tiny_a, tmp_path):
-    from dimple.tiny import build_tiny_processor
+    from dimple.tiny.build import build_tiny_processor
 
     model_dir = tmp_path / "checkpoint"
     tiny_a.save_pretrained(model_dir)

@@ -37,7 +37,7 @@ def test_checkpoint_loads_without_missing_or_unexpected_keys(ref):
 def test_rope_index_matches_reference(ref, case, models):
     model = models(ref)
     ids, mask = ref.tensor(case, "forward.input_ids"), ref.tensor(case, "forward.attention_mask")
-    positions, deltas = model.get_rope_index(ids, ref.tensor(case, "inputs.image_grid_thw"), mask)
+    positions, deltas = model._rope_positions(ids, ref.tensor(case, "inputs.image_grid_thw"), mask)
     assert torch.equal(positions, ref.tensor(case, "forward.position_ids"))
     assert torch.equal(deltas, ref.tensor(case, "forward.rope_deltas"))
 

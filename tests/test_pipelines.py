@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import pipeline
 
 import dimple  # noqa: F401  (registers the Auto classes)
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
 
 
 def test_image_text_to_text_pipeline_answers_a_chat_with_an_image():
@@ -98,14 +98,14 @@ def test_pipelines_in_a_fresh_process_through_remote_code(tmp_path):
 def resolved_configs(pipe) -> list:
     """Spy on the decoding settings each generate call ends up with (after pipeline and model defaults)."""
     configs = []
-    original = pipe.model.resolve_generation_config
+    original = pipe.model._resolve_generation_config
 
     def spy(*args, **kwargs):
         config, model_inputs = original(*args, **kwargs)
         configs.append(config)
         return config, model_inputs
 
-    pipe.model.resolve_generation_config = spy
+    pipe.model._resolve_generation_config = spy
     return configs
 
 

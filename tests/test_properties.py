@@ -11,9 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dimple.generation_utils import ALGORITHMS, VISION_TOKEN_KEYS
-from dimple.tiny import DEFAULT_BASE_VOCAB_SIZE, build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.generation_config_dimple import ALGORITHMS, VISION_TOKEN_KEYS
+from dimple.tiny.build import DEFAULT_BASE_VOCAB_SIZE, build_tiny_model, build_tiny_processor
 
 DETERMINISTIC = ("maskgit_plus", "topk_margin", "entropy", "autoregressive")
 SETTINGS = settings(

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from dimple import DimpleConfig, DimpleModel, DimpleProcessor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXPECTED_ANSWER = "two blue circles"

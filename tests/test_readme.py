@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dimple.remote_code import install_code
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL_ID = "rp-yu/Dimple-7B"

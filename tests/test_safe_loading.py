@@ -17,20 +17,13 @@ from transformers import AutoModel
 from transformers.utils import logging
 
 from dimple import DimpleModel
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    processor = build_tiny_processor()
-    return processor, build_tiny_model(processor)
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
+from prompts import encode
 
 
 @pytest.fixture
-def pickle_only(tiny, tmp_path) -> Path:
+def pickle_only(model, tmp_path) -> Path:
     """A checkpoint folder whose weights exist only as a pickle (pytorch_model.bin)."""
-    _, model = tiny
     folder = tmp_path / "pickle_only"
     model.save_pretrained(folder)
     (folder / "model.safetensors").unlink()
@@ -43,8 +36,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(value, theirs[key]) for key, value in a.state_dict().items())
 
 
-def test_weights_are_saved_and_loaded_as_safetensors(tiny, tmp_path, monkeypatch):
-    _, model = tiny
+def test_weights_are_saved_and_loaded_as_safetensors(model, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
@@ -67,8 +59,7 @@ def test_asking_for_safetensors_explicitly_also_refuses_pickle(pickle_only):
         DimpleModel.from_pretrained(pickle_only, use_safetensors=True)
 
 
-def test_pickle_weights_load_after_explicit_opt_in(tiny, pickle_only):
-    _, model = tiny
+def test_pickle_weights_load_after_explicit_opt_in(model, pickle_only):
     loaded = DimpleModel.from_pretrained(pickle_only, use_safetensors=False)
     assert same_weights(loaded, model)
 
@@ -108,11 +99,10 @@ NO_NETWORK = textwrap.dedent(
 
 
 @pytest.mark.parametrize("mode", ["package", "remote_code"])
-def test_import_and_local_loading_never_touch_the_network(tiny, tmp_path, mode):
+def test_import_and_local_loading_never_touch_the_network(processor, model, tmp_path, mode):
     """Sockets blocked and HF_HUB_OFFLINE unset: the point is that no connection is even attempted."""
     folder = BUNDLED_CHECKPOINT
     if mode == "remote_code":
-        processor, model = tiny
         folder = tmp_path / "remote"
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
@@ -130,17 +120,13 @@ def test_import_and_local_loading_never_touch_the_network(tiny, tmp_path, mode):
     assert result.stdout.split()[-1].startswith(expected_module)
 
 
-def test_decompression_bomb_guard_applies_to_processor_inputs(tmp_path, monkeypatch):
-    processor = build_tiny_processor()
+def test_decompression_bomb_guard_applies_to_processor_inputs(processor, tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS is not None
     path = tmp_path / "big.png"
     Image.new("RGB", (200, 200)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 px is now above twice the limit
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi."}]}], add_generation_prompt=True
-    )
     with pytest.raises(Image.DecompressionBombError):
-        processor(text=[text], images=[str(path)], return_tensors="pt")
+        encode(processor, [("Hi.", [str(path)])])
 
 
 # --- strict loading -----------------------------------------------------------------------------------------

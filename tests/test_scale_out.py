@@ -11,8 +11,7 @@ import torch
 from accelerate.utils import compute_module_sizes
 
 from dimple import DimpleModel
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.tiny.build import build_tiny_model, build_tiny_processor
 
 
 @pytest.fixture(scope="module")

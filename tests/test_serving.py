@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,8 @@ import torch
 from PIL import Image
 
 from dimple import DimpleModel, DimpleProcessor
-from dimple.generation_utils import answer_lengths
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.sampling_dimple import answer_lengths
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
 
 pytest.importorskip("fastapi", reason="transformers serve needs pip install 'dimple-hf[serve]'")
 pytest.importorskip("uvicorn", reason="transformers serve needs pip install 'dimple-hf[serve]'")
@@ -59,23 +61,19 @@ def server_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`python -m dimple serve --host 127.0.0.1 --port PORT` (the bundled checkpoint), up until the module ends."""
-    home = tmp_path_factory.mktemp("serve-home")
-    port = free_port()
+@contextmanager
+def serving(command: list[str], home: Path, port: int) -> Iterator[str]:
+    """`python -m dimple serve ...` (`command` from `serve` on, listening on `port`) run in `home` with its log
+    there; yields the server's URL once /health answers, and stops the server when the block ends."""
     url = f"http://127.0.0.1:{port}"
     with open(home / "server.log", "w+") as log:
-        # README's command (`dimple serve --host 127.0.0.1 --port 8000`), on a free port, with this interpreter.
-        command = shlex.split(serving_blocks()[0].splitlines()[1].replace(README_PORT, str(port)))
-        assert command[:2] == ["dimple", "serve"], command
         process = subprocess.Popen(
-            [sys.executable, "-m", "dimple", *command[1:]],
+            [sys.executable, "-m", "dimple", *command],
             cwd=home, env=server_env(home), stdout=log, stderr=subprocess.STDOUT, text=True,
         )
         try:
             wait_until_healthy(process, url, log)
-            yield {"url": url, "home": home, "port": str(port)}
+            yield url
         finally:
             process.terminate()
             try:
@@ -83,6 +81,18 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m dimple serve --host 127.0.0.1 --port PORT` (the bundled checkpoint), up until the module ends."""
+    home = tmp_path_factory.mktemp("serve-home")
+    port = free_port()
+    # README's command (`dimple serve --host 127.0.0.1 --port 8000`), on a free port, with this interpreter.
+    command = shlex.split(serving_blocks()[0].splitlines()[1].replace(README_PORT, str(port)))
+    assert command[:2] == ["dimple", "serve"], command
+    with serving(command[1:], home, port) as url:
+        yield {"url": url, "home": home, "port": str(port)}
 
 
 def wait_until_healthy(process: subprocess.Popen, url: str, log) -> None:
@@ -247,21 +257,7 @@ def test_a_switched_checkpoint_folder_is_served(tmp_path):
 
     folder = install_code(BUNDLED_CHECKPOINT, out=tmp_path / "Dimple-7B")[0].parent
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "w+") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dimple", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=server_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, text=True,
-        )
-        try:
-            wait_until_healthy(process, url, log)
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", timeout=300, max_retries=0)
-            reply = ask(client, str(folder), image_chat(data_url()))
-            assert reply.choices[0].message.content == "two blue circles"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with serving(["serve", str(folder), "--host", "127.0.0.1", "--port", str(port)], tmp_path, port) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", timeout=300, max_retries=0)
+        reply = ask(client, str(folder), image_chat(data_url()))
+        assert reply.choices[0].message.content == "two blue circles"

@@ -8,9 +8,9 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from dimple import DimpleModel, DimpleProcessor
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT, build_tiny_model
-from dimple.train_tiny import ANSWER_SLOTS, example
+from dimple.tiny.build import build_tiny_model, build_tiny_processor
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
+from dimple.tiny.train import ANSWER_SLOTS, example
 from dimple.training import (
     IGNORE_INDEX,
     DimpleSFTCollator,

@@ -27,7 +27,7 @@ from PIL import Image
 
 import dimple
 from dimple.image_processing_dimple import DimpleImageProcessor
-from dimple.tiny import build_tiny_tokenizer
+from dimple.tiny.build import build_tiny_tokenizer
 
 UPSTREAM = Path(__file__).resolve().parents[1] / ".upstream" / "transformers-tests" / transformers.__version__
 PACKAGE = "transformers_common_tests"

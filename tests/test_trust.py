@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cli_errors import user_error_line
 
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import BUNDLED_CHECKPOINT
+from dimple.tiny.bundled import BUNDLED_CHECKPOINT
+from prompts import chat
 
 CODE_NAMES = (
     "configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py",
@@ -141,30 +141,26 @@ def control_tokens(processor, ids: list[int]) -> list[str]:
     return [token for token in processor.tokenizer.convert_ids_to_tokens(ids) if token in CONTROL]
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-def encode(processor, text: str, **kwargs) -> list[int]:
-    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs)
-    ids = out["input_ids"]
+def template_ids(processor, text: str, **kwargs) -> list[int]:
+    """One user turn tokenized by the chat template itself, where escaping untrusted text happens."""
+    ids = processor.apply_chat_template(
+        chat(text), add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+    )["input_ids"]
     return ids[0] if isinstance(ids[0], list) else ids
 
 
 def test_special_tokens_typed_by_a_user_become_control_tokens_by_default(processor):
     """Qwen2.5-VL's behaviour, kept as the default (and documented): the injection opens a system turn."""
-    harmless = encode(processor, "Hi.")
-    injected = encode(processor, INJECTION.replace("<|image_pad|>", ""))
+    harmless = template_ids(processor, "Hi.")
+    injected = template_ids(processor, INJECTION.replace("<|image_pad|>", ""))
     assert len(control_tokens(processor, injected)) == len(control_tokens(processor, harmless)) + 3
     with pytest.raises(ValueError, match="1 image placeholders but 0 images"):
-        encode(processor, INJECTION)
+        template_ids(processor, INJECTION)
 
 
 @pytest.mark.parametrize("as_string", [False, True])
 def test_escape_special_tokens_keeps_untrusted_text_as_text(processor, as_string):
-    harmless = encode(processor, "Hi.", escape_special_tokens=True)
+    harmless = template_ids(processor, "Hi.", escape_special_tokens=True)
     if as_string:
         messages = [{"role": "user", "content": INJECTION}]
         ids = processor.apply_chat_template(
@@ -172,7 +168,7 @@ def test_escape_special_tokens_keeps_untrusted_text_as_text(processor, as_string
         )["input_ids"]
         ids = ids[0] if isinstance(ids[0], list) else ids
     else:
-        ids = encode(processor, INJECTION, escape_special_tokens=True)
+        ids = template_ids(processor, INJECTION, escape_special_tokens=True)
     assert control_tokens(processor, ids) == control_tokens(processor, harmless)
     text = processor.tokenizer.decode(ids)
     assert INJECTION in text.replace("\u200b", ""), "the user's text is kept, only made inert"

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dimple.tiny import build_tiny_processor
-from dimple.tiny_checkpoint import build_tiny_model
+from dimple.tiny.build import build_tiny_model, build_tiny_processor
 from dimple.visualize import denoising_cells, render_gif, render_html
 
 
@@ -42,7 +41,7 @@ def test_cells_mark_masks_new_tokens_and_priors(tokenizer):
 
 def test_gif_has_one_frame_per_step_with_grey_masks(tokenizer, tmp_path):
     history, _ = handmade_history(tokenizer)
-    path = render_gif(tmp_path / "steps.gif", history, tokenizer, prompt_length=3)
+    path = render_gif(denoising_cells(history, tokenizer, prompt_length=3), tmp_path / "steps.gif")
     with Image.open(path) as gif:
         assert gif.n_frames == 3
         grey_pixels = []
@@ -56,7 +55,7 @@ def test_gif_has_one_frame_per_step_with_grey_masks(tokenizer, tmp_path):
 
 def test_html_shows_every_step_and_the_final_tokens_without_external_assets(tokenizer, tmp_path):
     history, words = handmade_history(tokenizer)
-    page = render_html(history, tokenizer, prompt_length=3, path=tmp_path / "steps.html")
+    page = render_html(denoising_cells(history, tokenizer, prompt_length=3), tmp_path / "steps.html")
     assert (tmp_path / "steps.html").read_text(encoding="utf-8") == page
     assert re.findall(r'data-step="(\d+)"', page) == ["1", "2", "3"]
     last_row = page.split('data-step="3"')[1].split("</div>")[0]
@@ -77,11 +76,10 @@ def test_real_generation_history_renders(tokenizer, tmp_path):
     template = template.input_ids[0]
     out = model.generate(**inputs, response_template=template, alg_p_threshold=0, output_history=True,
                          return_dict_in_generate=True)
-    prompt_length = inputs["input_ids"].shape[1]
-    with Image.open(render_gif(tmp_path / "real.gif", out.history, tokenizer, prompt_length=prompt_length,
-                               template=template)) as gif:
+    frames = denoising_cells(out.history, tokenizer, prompt_length=inputs["input_ids"].shape[1], template=template)
+    with Image.open(render_gif(frames, tmp_path / "real.gif")) as gif:
         assert gif.n_frames == len(out.history) == out.num_forward_passes
-    page = render_html(out.history, tokenizer, prompt_length=prompt_length, template=template)
+    page = render_html(frames)
     rows = page.split('<div class="step"', 1)[1]  # after the legend
     assert rows.count('class="tok prior"') == len(out.history) * int((template != tokenizer.mask_token_id).sum())
 
@@ -89,11 +87,11 @@ def test_real_generation_history_renders(tokenizer, tmp_path):
 def test_bad_inputs_are_refused_clearly(tokenizer):
     history, _ = handmade_history(tokenizer)
     with pytest.raises(ValueError, match="history is empty"):
-        render_html([], tokenizer)
+        denoising_cells([], tokenizer)
     with pytest.raises(ValueError, match="template has 2 tokens but the answer has 4"):
-        render_html(history, tokenizer, prompt_length=3, template=[1, 2])
+        denoising_cells(history, tokenizer, prompt_length=3, template=[1, 2])
     with pytest.raises(ValueError, match="same non-empty answer"):
-        render_html(history, tokenizer, prompt_length=7)
+        denoising_cells(history, tokenizer, prompt_length=7)
 
 
 @pytest.mark.parametrize("kind", ["gif", "html"])
@@ -101,6 +99,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tokenizer, tmp_path, kind
     """A write that fails midway (here: a file-size limit, as on a full disk) leaves the old file as it was and no
     temporary file behind; the old code truncated the file first."""
     history, _ = handmade_history(tokenizer)
+    frames = denoising_cells(history * 20, tokenizer, prompt_length=3)
     path = tmp_path / f"steps.{kind}"
     old = b"a previous picture " * 1000
     path.write_bytes(old)
@@ -109,9 +108,9 @@ def test_a_failed_write_leaves_the_previous_file_whole(tokenizer, tmp_path, kind
     try:
         with pytest.raises(OSError, match="File too large"):
             if kind == "gif":
-                render_gif(path, history * 20, tokenizer, prompt_length=3)
+                render_gif(frames, path)
             else:
-                render_html(history * 20, tokenizer, prompt_length=3, path=path)
+                render_html(frames, path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert path.read_bytes() == old
