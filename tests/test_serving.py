@@ -227,11 +227,16 @@ def test_two_clients_at_once_get_their_solo_answers(client, model_id, local):
     assert [reply.choices[0].message.content for reply in replies] == solo
 
 
+# One chat session: a sampled turn (chat's default), then, with the history cleared, a greedy one.
+SAMPLED_THEN_GREEDY_SESSION = "!set max_new_tokens=12\nHello\n!clear\n!set do_sample=False\nHello\n!exit\n"
+
+
 def test_transformers_chat_talks_to_the_server_without_extra_flags(server):
     """README's `transformers chat MODEL URL`, as a user types it. chat puts `do_sample=True` without a temperature
-    in every request's generation_config, so Dimple samples (at transformers' default temperature 1) and the reply
-    is random: the check is that the session gets one. It sets a 12-token answer with chat's own `!set` command
-    (its default, 256, is a 256-step decode: minutes on a busy 2-core CPU), says Hello, and exits."""
+    in every request's generation_config, so Dimple samples (at transformers' default temperature 1) and the first
+    reply is random, possibly empty (end-of-text sampled first): the check is that the turn completes. Then `!clear`
+    and `!set do_sample=False` make the second reply greedy, which must hold text. Both with a 12-token answer set by
+    chat's own `!set` (its default, 256, is a 256-step decode: minutes on a busy 2-core CPU)."""
     chat = next(line for line in serving_blocks()[1].splitlines() if line.startswith("transformers chat"))
     # chat's Hub client refuses every URL in offline mode, so this process is online-capable but only ever talks
     # to the loopback server: no update check, no telemetry. The `transformers` command of this interpreter.
@@ -239,15 +244,18 @@ def test_transformers_chat_talks_to_the_server_without_extra_flags(server):
     env.update(HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_DISABLE_TELEMETRY="1", COLUMNS="2000")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
-        ["bash", "-c", chat.replace(README_PORT, server["port"])], input="!set max_new_tokens=12\nHello\n!exit\n",
+        ["bash", "-c", chat.replace(README_PORT, server["port"])], input=SAMPLED_THEN_GREEDY_SESSION,
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr and "rror" not in result.stdout, result.stdout[-2000:]
-    # The model's turn: its name tag, the reply on the next line, then chat's statistics line.
+    # Each model turn: its name tag, the reply on the next line, then chat's statistics line.
     lines = [line.strip() for line in result.stdout.splitlines()]
-    tag = lines.index(f"<{BUNDLED_CHECKPOINT}>:")
-    assert lines[tag + 1] and re.fullmatch(r"\d+ tokens in [\d.]+s \([\d.]+ tok/s\)", lines[tag + 2]), lines[tag:]
+    tags = [index for index, line in enumerate(lines) if line == f"<{BUNDLED_CHECKPOINT}>:"]
+    assert len(tags) == 2, lines
+    for tag in tags:
+        assert re.fullmatch(r"\d+ tokens in [\d.]+s \([\d.]+ tok/s\)", lines[tag + 2]), lines[tag:]
+    assert lines[tags[1] + 1], lines[tags[1]:]
 
 
 def test_a_switched_checkpoint_folder_is_served(tmp_path):
