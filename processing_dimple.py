@@ -195,10 +195,11 @@ class DimpleProcessor(Qwen2VLProcessor):
         batch = generated_outputs if len(generated_outputs.shape) == 2 else [generated_outputs]
         stop = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         cut = []
-        for row in (torch.as_tensor(row, dtype=torch.long) for row in batch):
-            start = int((row != stop).int().argmax()) if bool((row != stop).any()) else len(row)
-            answer = row[None, start:]
-            cut.append(row[: start + int(answer_lengths(answer, [stop])[0])].tolist())
+        for row in batch:
+            row = torch.as_tensor(row, dtype=torch.long)
+            real = (row != stop).nonzero()
+            start = int(real[0]) if len(real) else len(row)
+            cut.append(row[: start + int(answer_lengths(row[None, start:], [stop])[0])].tolist())
         return super().post_process_image_text_to_text(cut, skip_special_tokens=skip_special_tokens, **kwargs)
 
 

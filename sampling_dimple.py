@@ -226,6 +226,15 @@ def end_at_stop_strings(
     return answers
 
 
+def stop_token_ids(config: Any) -> list[int]:
+    """The ids that end an answer: `eos_token_id` (one id or a list) and `pad_token_id`, of a model or generation
+    config; unset ones are left out."""
+    ids = []
+    for value in (config.eos_token_id, config.pad_token_id):
+        ids += value if isinstance(value, (list, tuple)) else [value]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
 def answer_lengths(answers: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Per row, the number of answer tokens before the first stop token (EOS, `<|endoftext|>`): where a diffusion
     answer, which fills every slot of its canvas, ends. The one rule for streamers, the server and the processor."""

@@ -28,8 +28,8 @@ from typing import Any
 import transformers
 
 from .generation_config_dimple import DimpleGenerationConfig
-from .sampling_dimple import answer_lengths
 from .modeling_dimple import DimpleModel
+from .sampling_dimple import answer_lengths, stop_token_ids
 from .tiny.bundled import BUNDLED_CHECKPOINT
 
 SERVE_EXTRA_HINT = 'install the server with `pip install "dimple-hf[serve]"` (transformers[serving] and openai)'
@@ -67,8 +67,7 @@ def dimple_answer_cut(generate_non_streaming: Callable[..., Any]) -> Callable[..
             self, model, processor, inputs, gen_config, *args, **kwargs
         )
         if isinstance(model, DimpleModel):
-            stops = [i for i in (model.config.eos_token_id, model.config.pad_token_id) if isinstance(i, int)]
-            generated_ids = generated_ids[: int(answer_lengths(generated_ids[None], stops)[0])]
+            generated_ids = generated_ids[: int(answer_lengths(generated_ids[None], stop_token_ids(model.config))[0])]
         return text, input_len, generated_ids
 
     generate.dimple_answer_cut = True

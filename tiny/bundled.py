@@ -25,7 +25,7 @@ def stale_remote_code(folder: Path = BUNDLED_CHECKPOINT) -> list[str]:
     present = {path.name for path in folder.glob("*.py")}
     differing = [name for name, source in wanted.items() if name not in present or
                  (folder / name).read_bytes() != source.read_bytes()]
-    return sorted(differing + sorted(present - set(wanted)))
+    return sorted(differing + list(present - set(wanted)))
 
 
 def sync_remote_code(folder: Path = BUNDLED_CHECKPOINT) -> list[Path]:

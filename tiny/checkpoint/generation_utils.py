@@ -41,6 +41,7 @@ from .sampling_dimple import (
     has_nonfinite_logits,
     penalize_repetitions,
     propose_tokens,
+    stop_token_ids,
     token_confidence,
     token_presence,
 )
@@ -324,7 +325,6 @@ class DimpleGenerationMixin(GenerationMixin):
         banned_ids += list(config.suppress_tokens or []) + [words[0] for words in config.bad_words_ids or []]
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
         banned[[i for i in banned_ids if i is not None and 0 <= i < self.config.vocab_size]] = True
-        stop_ids = [i for i in (config.eos_token_id, config.pad_token_id) if isinstance(i, int)]
         compile_config = config.compile_config or CompileConfig(mode="default")
         return _DecodingPlan(
             config=config,
@@ -336,7 +336,7 @@ class DimpleGenerationMixin(GenerationMixin):
             attention_mask=None if bool(attention_mask.all()) else attention_mask,
             counted=counted,
             banned=banned,
-            stop_ids=torch.tensor(stop_ids, device=sequences.device),
+            stop_ids=torch.tensor(stop_token_ids(config), dtype=torch.long, device=sequences.device),
             answer_masks_at_start=(sequences[:, prompt_len:] == config.mask_token_id).sum(dim=1),
             block_len=block_len,
             block_steps=block_steps,
