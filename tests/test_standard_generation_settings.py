@@ -106,6 +106,18 @@ def test_min_new_tokens_keeps_the_stop_token_out_of_the_first_slots(model, proce
     assert stop not in held[:3].tolist() and held[3:].tolist() == [stop] * 3
 
 
+def test_min_new_tokens_keeps_every_id_of_an_eos_list_out_of_the_first_slots(model, processor):
+    """eos_token_id may be a list (as in transformers); each of its ids is a stop token, not just a lone int."""
+    inputs = encode(processor, ["Hello."])
+    other_stop = 300
+    hook = favour({other_stop: 5.0, 301: 1.0})
+    eos_list = [model.config.eos_token_id, other_stop]
+    held = model.generate(
+        **inputs, max_new_tokens=6, generation_logits_hook_func=hook, min_new_tokens=3, eos_token_id=eos_list
+    )[0, -6:]
+    assert other_stop not in held[:3].tolist() and held[3:].tolist() == [other_stop] * 3
+
+
 def test_stop_strings_end_the_answer(model, processor):
     inputs = encode(processor, ["Answer."])
     tokenizer = processor.tokenizer
