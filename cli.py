@@ -106,11 +106,17 @@ def load_images(paths: list[str]) -> list[Image.Image]:
 
     images = []
     for path in paths:
+        if Path(path).is_dir():
+            raise UserError(f"--image {path} is a folder; give an image file inside it")
         if not Path(path).is_file():
             raise UserError(f"image file not found: {path}; check the path given to --image")
         try:
             with readable_image_errors():
                 images.append(load_image(path))
+        except Image.DecompressionBombError as error:
+            raise UserError(
+                f"image {path} is too large to read safely: {first_line(error)} Downscale the picture first."
+            ) from error
         except (ValueError, OSError) as error:
             raise UserError(
                 f"cannot read image {path}: {first_line(error)} Pass a PNG, JPEG or other Pillow-readable file."

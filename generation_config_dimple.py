@@ -24,6 +24,10 @@ VISION_TOKEN_KEYS = (
 )
 # `do_sample=True` without a temperature samples at transformers' own default temperature.
 DEFAULT_SAMPLING_TEMPERATURE = 1.0
+# The answer length when neither `max_new_tokens` nor `max_length` is set.
+DEFAULT_MAX_NEW_TOKENS = 64
+# Position rules whose order is random even when tokens are greedy: their answers differ between runs.
+RANDOM_ORDER_ALGORITHMS = ("origin", "origin-ratio")
 # Pipeline defaults that only apply when sampling (transformers' pipelines drop them otherwise, too).
 PIPELINE_SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
                               "eta_cutoff")
@@ -109,16 +113,20 @@ class DimpleGenerationConfig(GenerationConfig):
 
     Args:
         max_new_tokens: answer length, i.e. number of mask slots (default 64). `max_length` (prompt + answer)
-            is honoured when given instead.
-        steps: maximum number of denoising steps (default: `max_new_tokens`, one token per step at worst).
+            is honoured when given without it (or with `max_new_tokens=None`), as in transformers.
+        steps: maximum number of forward passes in total (default: the answer length, one token per step at
+            worst); with `block_length` they are split over the blocks in proportion to their sizes.
         eps: last value of the timestep grid `linspace(1, eps, steps + 1)`.
         alg: how positions are chosen: one of `ALGORITHMS`.
         alg_temp: > 0 samples positions from softmax(confidence / alg_temp) instead of taking the top ones.
-        alg_p_threshold: confident-decoding threshold in [0, 1] (`dim` pipeline); None or 0 disables it.
+        alg_p_threshold: confident-decoding threshold in [0, 1] (`dim` pipeline); None or 0 disables it. Where it
+            cannot act (`dream` pipeline, `alg="entropy"`) the default is dropped and an explicit value refused.
         use_original_confidence: confidences from the unfiltered softmax (`dim` pipeline).
         decoding_pipeline: `"dim"` (Dimple's: threshold + snapped schedule, stops when done) or `"dream"`
             (Dream's: exactly `steps` iterations, linear schedule).
-        temperature, top_p, top_k: token sampling (temperature 0 = argmax).
+        temperature, top_p, top_k: token sampling (temperature 0 = argmax; top_k 0 = off, as in transformers).
+        do_sample: None (unset) samples exactly when `temperature` > 0 (the reference's convention); True samples
+            (at temperature 1.0 unless one is set); False is greedy whatever the temperature.
         use_cache: cache keys/values between steps: the prompt's (reference mode) or, with `block_length`, every
             position outside the active block (dual cache, refreshed once per block).
         block_length: decode the answer block by block, left to right (Fast-dLLM style); confident decoding and
@@ -132,24 +140,27 @@ class DimpleGenerationConfig(GenerationConfig):
 
     def __init__(self, **kwargs):
         # Like transformers' DiffusionGemma config, the autoregressive fields of the parent are not wanted here.
-        self.max_new_tokens: int | None = kwargs.pop("max_new_tokens", 64)
+        # A total length given alone is the length rule, as in transformers (max_new_tokens wins when both are set).
+        default_new_tokens = None if kwargs.get("max_length") is not None else DEFAULT_MAX_NEW_TOKENS
+        self.max_new_tokens: int | None = kwargs.pop("max_new_tokens", default_new_tokens)
         self.max_length: int | None = kwargs.pop("max_length", None)
         self.steps: int | None = kwargs.pop("steps", None)
         self.eps: float = kwargs.pop("eps", 1e-3)
         self.alg: str = kwargs.pop("alg", "maskgit_plus")
         self.alg_temp: float | None = kwargs.pop("alg_temp", None)
+        threshold_given = "alg_p_threshold" in kwargs
         self.alg_p_threshold: float | None = kwargs.pop("alg_p_threshold", 0.95)
         self.use_original_confidence: bool = kwargs.pop("use_original_confidence", True)
         self.decoding_pipeline: str = kwargs.pop("decoding_pipeline", "dim")
         self.temperature: float | None = kwargs.pop("temperature", None)
-        self.do_sample: bool = kwargs.pop("do_sample", False)
+        self.do_sample: bool | None = kwargs.pop("do_sample", None)
         self.top_p: float | None = kwargs.pop("top_p", None)
         self.top_k: int | None = kwargs.pop("top_k", None)
         self.use_cache: bool = kwargs.pop("use_cache", True)
         self.block_length: int | None = kwargs.pop("block_length", None)
         self.compile_forward: bool = kwargs.pop("compile_forward", False)
         compile_config = kwargs.pop("compile_config", None)
-        self.compile_config = CompileConfig(**compile_config) if isinstance(compile_config, dict) else compile_config
+        self.compile_config = as_compile_config(compile_config)
         self.num_return_sequences: int = kwargs.pop("num_return_sequences", 1)
         self.return_dict_in_generate: bool = kwargs.pop("return_dict_in_generate", False)
         self.output_history: bool = kwargs.pop("output_history", False)
@@ -169,6 +180,7 @@ class DimpleGenerationConfig(GenerationConfig):
         # Released generation_config.json files may carry further keys (e.g. `generation_kwargs`): keep them.
         for key, value in kwargs.items():
             setattr(self, key, value)
+        self.settle_threshold(explicit=threshold_given)
         self.validate()
 
     @classmethod
@@ -228,16 +240,53 @@ class DimpleGenerationConfig(GenerationConfig):
                 )
         stops = self.stop_strings
         listed = isinstance(stops, (list, tuple)) and all(isinstance(stop, str) and stop for stop in stops)
-        if stops is not None and not (isinstance(stops, str) or listed):
+        if stops is not None and not ((isinstance(stops, str) and stops) or listed):
             raise ValueError(f"stop_strings must be a string or a list of non-empty strings, got {stops!r}.")
 
     def effective_temperature(self) -> float:
-        """The sampling temperature decoding uses: as set, else the default sampling one with `do_sample=True`,
-        else 0 (greedy). Dimple samples exactly when this is > 0 (the reference's convention: `temperature=0.2`
-        alone samples)."""
+        """The sampling temperature decoding uses: 0 (greedy) with an explicit `do_sample=False`, else as set, else
+        the default sampling one with `do_sample=True`, else 0. Dimple samples exactly when this is > 0 (the
+        reference's convention: `temperature=0.2` alone samples)."""
+        if self.do_sample is False:
+            return 0.0
         if self.temperature is not None:
             return self.temperature
         return DEFAULT_SAMPLING_TEMPERATURE if self.do_sample else 0.0
+
+    def is_deterministic(self) -> bool:
+        """Whether every run gives the same answer: greedy tokens and a position rule without randomness."""
+        return self.effective_temperature() == 0 and self.alg not in RANDOM_ORDER_ALGORITHMS and not self.alg_temp
+
+    def threshold_without_effect(self) -> str | None:
+        """Why `alg_p_threshold` cannot change the answer under these settings, or None when it can."""
+        if self.decoding_pipeline == "dream":
+            return "the 'dream' pipeline follows its linear schedule and has no confident decoding (use 'dim')"
+        if self.alg == "entropy":
+            return "alg='entropy' ranks by negative entropy (<= 0), which never exceeds a positive threshold"
+        return None
+
+    def settle_threshold(self, explicit: bool) -> None:
+        """Drop a threshold that cannot act when it is the default; refuse it, naming why, when it was chosen."""
+        reason = self.threshold_without_effect()
+        if not self.alg_p_threshold or reason is None or isinstance(self.alg_p_threshold, bool):
+            return
+        if explicit:
+            raise ValueError(
+                f"alg_p_threshold={self.alg_p_threshold} has no effect here: {reason}. Leave alg_p_threshold unset "
+                "(or None) with these settings."
+            )
+        self.alg_p_threshold = None
+
+    def update(self, **kwargs) -> dict[str, Any]:
+        """transformers' `update`, taking `compile_config` as a dict of `CompileConfig` fields too."""
+        if isinstance(kwargs.get("compile_config"), dict):
+            kwargs = {**kwargs, "compile_config": as_compile_config(kwargs["compile_config"])}
+        return super().update(**kwargs)
+
+    def chosen_settings(self) -> dict[str, Any]:
+        """The settings this config sets: those that differ from Dimple's defaults (a default value counts as
+        unset, as None does in a transformers `GenerationConfig`)."""
+        return set_fields(self, DimpleGenerationConfig().to_dict())
 
     @classmethod
     def from_loaded(cls, loaded: GenerationConfig) -> "DimpleGenerationConfig":
@@ -273,7 +322,7 @@ class DimpleGenerationConfig(GenerationConfig):
                 f"alg_p_threshold must lie in [0, 1] (a probability), got {self.alg_p_threshold}; "
                 "use None or 0 to disable confident decoding."
             )
-        for name in ("steps", "max_new_tokens", "num_return_sequences", "block_length"):
+        for name in ("steps", "max_new_tokens", "max_length", "num_return_sequences", "block_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -298,8 +347,8 @@ class DimpleGenerationConfig(GenerationConfig):
         self._check_standard_settings()
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}.")
         if self.compile_config is not None and not isinstance(self.compile_config, CompileConfig):
             raise ValueError(
                 f"compile_config must be a transformers.CompileConfig (or a dict of its fields), got "
@@ -307,6 +356,39 @@ class DimpleGenerationConfig(GenerationConfig):
             )
         if self.alg_temp is not None and self.alg_temp < 0:
             raise ValueError(f"alg_temp must be >= 0 (None or 0 = take the most confident), got {self.alg_temp}.")
+
+
+def set_fields(config: GenerationConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The public fields of `config` whose values differ from `defaults`."""
+    return {
+        key: value
+        for key, value in config.to_dict().items()
+        if not key.startswith("_") and key != "transformers_version" and (key not in defaults or value != defaults[key])
+    }
+
+
+def given_settings(config: GenerationConfig) -> dict[str, Any]:
+    """What a `generation_config` passed to `generate()` sets: a transformers `GenerationConfig`'s fields that are
+    not None (transformers' own meaning of unset), a Dimple one's `chosen_settings`."""
+    if isinstance(config, DimpleGenerationConfig):
+        return config.chosen_settings()
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(
+            f"generation_config must be a GenerationConfig (or DimpleGenerationConfig), got {type(config).__name__}."
+        )
+    return {key: value for key, value in set_fields(config, GenerationConfig().to_dict()).items() if value is not None}
+
+
+def with_length_rule(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` where a `max_length` given without `max_new_tokens` clears the latter, so the total decides."""
+    if settings.get("max_length") is not None and "max_new_tokens" not in settings:
+        return {**settings, "max_new_tokens": None}
+    return settings
+
+
+def as_compile_config(value: Any) -> Any:
+    """A dict of `CompileConfig` fields as a `CompileConfig`; anything else unchanged (validate checks it)."""
+    return CompileConfig(**value) if isinstance(value, dict) else value
 
 
 def refuse_unsupported_arguments(kwargs: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from transformers import PretrainedConfig
 
-from .generation_config_dimple import VISION_TOKEN_KEYS, DimpleGenerationConfig
+from .generation_config_dimple import DEFAULT_MAX_NEW_TOKENS, VISION_TOKEN_KEYS, DimpleGenerationConfig
 
 
 def check_prompt(
@@ -93,7 +93,6 @@ def initial_canvas(
     template: torch.Tensor | None,
     batch_size: int,
     prompt_len: int,
-    length_given_as_total: bool,
     model_config: PretrainedConfig,
     device: torch.device,
 ) -> torch.LongTensor:
@@ -103,22 +102,15 @@ def initial_canvas(
     `max_new_tokens` fails fast instead of exhausting memory.
     """
     if template is None:
-        answer_len = config.max_new_tokens
-        if length_given_as_total:
-            answer_len = config.max_length - prompt_len
-            if answer_len < 1:
-                raise ValueError(
-                    f"max_length ({config.max_length}) leaves no room after the {prompt_len}-token prompt; "
-                    "set max_new_tokens instead."
-                )
+        answer_len = answer_length(config, prompt_len)
         check_total_length(prompt_len, answer_len, model_config.max_position_embeddings)
         return torch.full((batch_size, answer_len), config.mask_token_id, dtype=torch.long, device=device)
-    template = torch.as_tensor(template, device=device)
-    if template.dtype != torch.long or template.ndim not in (1, 2) or template.shape[-1] == 0:
-        raise ValueError("response_template must be token ids of shape (answer_len,) or (batch, answer_len).")
-    template = template.expand(batch_size, -1) if template.ndim == 1 else template
+    template = checked_template(template, batch_size, device)
     if template.shape[0] != batch_size:
-        raise ValueError(f"response_template has {template.shape[0]} rows for a batch of {batch_size}.")
+        raise ValueError(
+            f"response_template has {template.shape[0]} rows for a batch of {batch_size}; give one row per prompt, "
+            "or one row (shape (answer_len,) or (1, answer_len)) for all of them."
+        )
     check_total_length(prompt_len, template.shape[1], model_config.max_position_embeddings)
     check_token_ids(template, model_config.vocab_size, "response_template")
     vision_ids = [getattr(model_config, key) for key in VISION_TOKEN_KEYS]
@@ -128,6 +120,35 @@ def initial_canvas(
             "Put images in the prompt."
         )
     return template.clone()
+
+
+def answer_length(config: DimpleGenerationConfig, prompt_len: int) -> int:
+    """`max_new_tokens`, else what `max_length` leaves after the prompt, else the default (as in transformers)."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    if config.max_length <= prompt_len:
+        raise ValueError(
+            f"max_length ({config.max_length}) leaves no room after the {prompt_len}-token prompt; set "
+            "max_new_tokens instead."
+        )
+    return config.max_length - prompt_len
+
+
+def checked_template(template: Any, batch_size: int, device: torch.device) -> torch.LongTensor:
+    """The template as int64 ids, one row per prompt: integer ids of any width are cast (floats and bools, which a
+    cast could change, are refused) and a single row serves the whole batch."""
+    template = torch.as_tensor(template, device=device)
+    if template.is_floating_point() or template.is_complex() or template.dtype == torch.bool:
+        raise TypeError(f"response_template must hold integer token ids, got dtype {template.dtype}.")
+    if template.ndim not in (1, 2) or template.shape[-1] == 0:
+        raise ValueError(
+            f"response_template must be token ids of shape (answer_len,) or (batch, answer_len), got "
+            f"{tuple(template.shape)}."
+        )
+    template = template.to(torch.long)
+    return template.expand(batch_size, -1) if template.ndim == 1 or template.shape[0] == 1 else template
 
 
 def check_total_length(prompt_len: int, answer_len: int, max_positions: int) -> None:

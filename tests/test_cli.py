@@ -1,6 +1,7 @@
 """The `dimple` command and the bundled tiny checkpoint."""
 
 import json
+import os
 import random
 import re
 import shlex
@@ -22,7 +23,10 @@ from dimple.tiny.train import COUNT_WORDS, EXAMPLE_INDEX, SPLIT_SEEDS, render, t
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-CLI_ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+# A PYTHONPATH that points `dimple` at a checkout under test is kept, so the command runs that checkout's code.
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"} | (
+    {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+)
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -65,7 +69,7 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
         (["--gif", str(tmp_path / "no-such-folder" / "steps.gif")], "the folder for --gif"),
         (["--gif", str(tmp_path)], "is a folder; give a file name"),
         (["--html", str(tmp_path)], "is a folder; give a file name"),
-        (["--image", str(tmp_path)], "image file not found"),
+        (["--image", str(tmp_path)], f"--image {tmp_path} is a folder; give an image file inside it"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
         (["--steps", "-2"], "--steps must be a positive integer, got -2"),
         (["--max-new-tokens", "5000"], "exceed the model's max_position_embeddings"),  # refused by generate
@@ -81,6 +85,37 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
         assert process.returncode == 2, stderr[-2000:]
         assert message in user_error_line(stderr)
         assert stdout == ""
+
+
+def test_an_image_over_the_decompression_limit_is_one_line(monkeypatch, tmp_path, capsys):
+    """PIL refuses pictures far above Image.MAX_IMAGE_PIXELS (a decompression-bomb guard): a user error, exit 2."""
+    from dimple import cli
+
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert cli.main(["generate", "--image", str(tmp_path / "big.png"), "--prompt", "Hi", "--quiet"]) == 2
+    assert "is too large to read safely" in user_error_line(capsys.readouterr().err)
+
+
+def test_generate_prints_an_empty_answer_as_the_api_gives_it(tmp_path):
+    """A blank picture makes the bundled model answer with end-of-text first: the command prints the same (empty)
+    answer as `generate` + post-processing, instead of failing."""
+    Image.new("RGB", (300, 300), "white").save(tmp_path / "blank.png")
+    model = DimpleModel.from_pretrained(BUNDLED_CHECKPOINT).eval()
+    processor = DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT)
+    with Image.open(tmp_path / "blank.png") as image:
+        content = [{"type": "image", "image": image.convert("RGB")}, {"type": "text", "text": "Describe the image."}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )
+    answer = model.generate(**inputs, max_new_tokens=32)[:, inputs["input_ids"].shape[1]:]
+    assert answer[0, 0] == model.config.eos_token_id  # the empty-answer case this test is about
+    expected = processor.post_process_image_text_to_text(answer)[0]
+    result = run_cli("generate", "--image", str(tmp_path / "blank.png"), "--prompt", "Describe the image.",
+                     "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == expected == ""
 
 
 def test_a_failure_inside_decoding_keeps_its_traceback(monkeypatch, capsys):

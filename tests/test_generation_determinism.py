@@ -28,6 +28,7 @@ GREEDY_MODES = [
     {"alg": alg, "decoding_pipeline": pipeline, "alg_p_threshold": threshold, "use_cache": cache}
     for alg in ("maskgit_plus", "topk_margin", "entropy", "autoregressive")
     for pipeline, threshold, cache in (("dim", 0.95, True), ("dim", None, False), ("dream", None, True))
+    if not (alg == "entropy" and threshold)  # a threshold cannot act on negative entropy: refused
 ]
 
 

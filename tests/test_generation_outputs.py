@@ -7,6 +7,7 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.utils import logging
 
+from dimple.sampling_dimple import answer_lengths
 from dimple.tiny.build import build_tiny_model
 from prompts import encode
 
@@ -83,7 +84,8 @@ def test_decoded_answers_stop_at_the_first_end_of_text(processor):
     end = tokenizer.pad_token_id
     hello, bye = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("Hello", " bye"))
     rows = torch.tensor([[end, end] + hello + [end] + bye, hello + bye + [end, end, end]])
-    assert processor.post_process_image_text_to_text(rows) == ["Hello", "Hello bye"]
+    # An answer that starts with end-of-text is empty: answer slices have no left padding.
+    assert processor.post_process_image_text_to_text(rows) == ["", "Hello bye"]
 
 
 def test_masks_left_after_the_last_step_are_reported(model, processor, caplog):
@@ -113,3 +115,30 @@ def test_nan_logits_are_reported(processor, padded_batch, caplog):
     finally:
         logging.disable_propagation()
     assert "The logits held NaN or inf at 3 of 3 step(s)" in caplog.text
+
+
+def test_an_answer_that_starts_with_end_of_text_is_empty_everywhere(model, processor):
+    """An all-end-of-text answer (as a blank picture can give) decodes to '' in post-processing, the streamer and
+    `answer_lengths`, whatever follows the first end-of-text."""
+    tokenizer = processor.tokenizer
+    end = tokenizer.pad_token_id
+    red_tree = tokenizer(" red tree", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([[end] * (len(red_tree) + 3), [end] + red_tree + [end, end]])
+    assert processor.post_process_image_text_to_text(rows) == ["", ""]
+    assert processor.post_process_image_text_to_text(rows[0]) == [""]
+    assert processor.post_process_image_text_to_text(rows[:, :0]) == ["", ""]
+    assert answer_lengths(rows, [end]).tolist() == [0, 0]
+
+    inputs = encode(processor, ["Hello."])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+
+    def all_end_of_text(step, x, logits):
+        logits = torch.zeros_like(logits)
+        logits[..., end] = 5.0
+        return logits
+
+    out = model.generate(**inputs, max_new_tokens=6, generation_logits_hook_func=all_end_of_text, streamer=streamer)
+    answer = out[:, inputs["input_ids"].shape[1]:]
+    assert answer.tolist() == [[end] * 6]
+    assert processor.post_process_image_text_to_text(answer) == [""] == ["".join(streamer)]
+

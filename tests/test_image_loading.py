@@ -132,3 +132,15 @@ def test_exif_orientation_alpha_and_16_bit_are_applied(tmp_path):
     sixteen_bit_png(tmp_path / "grey16.png")
     grey = np.asarray(load_image(tmp_path / "grey16.png"))[..., 0]
     assert grey[0, 0] == 0 and grey[-1, -1] == 255 and 120 <= grey[28, 42] <= 135  # scaled, not clipped to white
+
+
+def test_a_mode_i_picture_keeps_its_brightness_whether_its_values_are_8_or_16_bit():
+    """Mode "I" (32-bit integers) holds 8-bit values when converted from "L", 16-bit ones when older Pillow reads a
+    16-bit PNG: the first must not be divided down to black, the second must still be scaled."""
+    from dimple.image_processing_dimple import load_image
+
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (56, 1))  # 56 x 64, black to near white
+    eight_bit = Image.fromarray(ramp)
+    assert np.array_equal(np.asarray(load_image(eight_bit.convert("I"))), np.asarray(load_image(eight_bit)))
+    sixteen_bit = Image.fromarray(ramp.astype(np.int32) * 257, mode="I")
+    assert np.array_equal(np.asarray(load_image(sixteen_bit)), np.asarray(load_image(eight_bit)))

@@ -77,7 +77,7 @@ def test_the_readme_command_scores_the_bundled_model_with_per_row_answers(tmp_pa
 
 def test_model_args_and_gen_kwargs_reach_generate():
     """--model_args decoding settings are defaults; a task's (or --gen_kwargs') settings override them per call."""
-    lm = Dimple.create_from_arg_string("steps=3,alg_p_threshold=0.5,alg=entropy", {"batch_size": 2, "device": "cpu"})
+    lm = Dimple.create_from_arg_string("steps=3,alg_p_threshold=0.5,alg=topk_margin", {"batch_size": 2, "device": "cpu"})
     assert lm.batch_size == 2
     calls = []
     generate = lm.model.generate
@@ -93,9 +93,18 @@ def test_model_args_and_gen_kwargs_reach_generate():
     answers = lm.generate_batch(chats, task_kwargs)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     call = calls[0]
-    assert (call["steps"], call["alg"], call["alg_p_threshold"]) == (3, "entropy", 0.9)
+    assert (call["steps"], call["alg"], call["alg_p_threshold"]) == (3, "topk_margin", 0.9)
     assert (call["max_new_tokens"], call["temperature"], call["top_p"]) == (4, 0.0, 1.0)
     assert not {"num_beams", "do_sample", "until"} & set(call)
+
+
+def test_a_batch_holding_an_empty_answer_is_answered():
+    """A blank picture makes the bundled model answer with end-of-text first; its row is '' and the batch goes on."""
+    lm = Dimple.create_from_arg_string("", {"batch_size": 2, "device": "cpu"})
+    blank, red = Image.new("RGB", (300, 300), "white"), Image.new("RGB", (64, 48), (200, 30, 30))
+    chats = [lm.conversation("Describe the image.", [blank]), lm.conversation("Colour?", [red])]
+    answers = lm.generate_batch(chats, {"max_new_tokens": 32, "until": ["\n\n"]})
+    assert answers[0] == "" and len(answers) == 2 and isinstance(answers[1], str)
 
 
 def test_task_settings_map_to_dimple_or_raise():

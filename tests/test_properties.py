@@ -41,7 +41,9 @@ def decoding_case(draw, deterministic: bool = False):
     pipeline = draw(st.sampled_from(["dim", "dream"]))
     algs = DETERMINISTIC if deterministic else [a for a in ALGORITHMS if pipeline == "dim" or a != "origin-ratio"]
     alg = draw(st.sampled_from(algs))
-    threshold = draw(st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0))) if pipeline == "dim" else None
+    # A threshold acts only in `dim` and with a probability-like confidence (not entropy); elsewhere it is refused.
+    can_threshold = pipeline == "dim" and alg != "entropy"
+    threshold = draw(st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0))) if can_threshold else None
     masks = answer_len if template is None else sum(slot is None for slot in template)
     # `autoregressive` commits one token per step by definition; give it a step per mask unless the threshold's
     # last-step rule ("commit everything left") applies.

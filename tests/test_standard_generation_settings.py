@@ -119,14 +119,35 @@ def test_min_new_tokens_keeps_every_id_of_an_eos_list_out_of_the_first_slots(mod
 
 
 def test_stop_strings_end_the_answer(model, processor):
+    """Every slot after the token that completes the stop string becomes end-of-text; the stop string stays."""
     inputs = encode(processor, ["Answer."])
     tokenizer = processor.tokenizer
-    fixed = tokenizer("The answer is", add_special_tokens=False)["input_ids"]
-    template = torch.tensor(fixed + [tokenizer.mask_token_id] * 3)
-    out = model.generate(**inputs, response_template=template, stop_strings=["answer"], tokenizer=tokenizer)
+    word = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    assert len(word) == 1
+    out = model.generate(
+        **inputs, max_new_tokens=5, generation_logits_hook_func=favour({word[0]: 5.0}), stop_strings=["red"],
+        tokenizer=tokenizer,
+    )
     answer = out[0, inputs["input_ids"].shape[1]:]
-    assert processor.post_process_image_text_to_text(answer[None]) == ["The answer"]
-    assert answer[len(fixed) - 1:].tolist() == [model.config.pad_token_id] * 4
+    assert answer.tolist() == word + [model.config.pad_token_id] * 4
+    assert processor.post_process_image_text_to_text(answer[None]) == [" red"]
+
+
+def test_stop_strings_never_change_a_templates_fixed_tokens(model, processor):
+    """A structure prior's fixed text is never changed (README): only the slots after the stop string end."""
+    inputs = encode(processor, ["Answer."])
+    tokenizer = processor.tokenizer
+    mask = tokenizer.mask_token_id
+    fixed = tokenizer(" is the answer", add_special_tokens=False)["input_ids"]
+    template = torch.tensor([mask, mask] + fixed + [mask, mask])
+    (red,) = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    out = model.generate(
+        **inputs, response_template=template, generation_logits_hook_func=favour({red: 5.0}), stop_strings=["red"],
+        tokenizer=tokenizer,
+    )
+    answer = out[0, inputs["input_ids"].shape[1]:].tolist()
+    end = model.config.pad_token_id
+    assert answer == [red, end] + fixed + [end, end]
 
 
 def test_do_sample_without_temperature_samples_at_the_default_temperature(model, processor):

@@ -29,7 +29,9 @@ from .generation_config_dimple import (
     VISION_TOKEN_KEYS,
     DimpleGenerationConfig,
     check_mask_token_id,
+    given_settings,
     refuse_unsupported_arguments,
+    with_length_rule,
 )
 from .generation_inputs_dimple import check_prompt, checked_hook_tokens, checked_logits_hook, initial_canvas
 from .sampling_dimple import (
@@ -39,6 +41,7 @@ from .sampling_dimple import (
     end_at_stop_strings,
     forbid_tokens,
     has_nonfinite_logits,
+    split_steps,
     penalize_repetitions,
     propose_tokens,
     stop_token_ids,
@@ -78,7 +81,6 @@ class _GenerateRequest:
     input_ids: torch.LongTensor | None
     inputs: dict[str, Any]
     template: torch.Tensor | None
-    length_given_as_total: bool
     tokenizer: Any
     tokens_hook: Callable | None
     logits_hook: Callable | None
@@ -99,8 +101,10 @@ class _DecodingPlan:
     banned: torch.Tensor  # (vocab,) bool: never proposed (mask, vision tokens, suppressed and bad words)
     stop_ids: torch.Tensor
     answer_masks_at_start: torch.Tensor
+    fixed: torch.Tensor  # (batch, answer_len) bool: a structure prior's fixed tokens, never changed
     block_len: int
-    block_steps: int
+    steps_per_block: list[int]  # the `steps` budget split over the blocks
+    block_steps: int  # the active block's steps and timestep grid, set as each block starts
     timesteps: torch.Tensor
     tokens_hook: Callable | None
     logits_hook: Callable | None
@@ -196,6 +200,8 @@ class DimpleGenerationMixin(GenerationMixin):
         """
         # 1. Resolve the settings and split off the model inputs.
         request = self._resolve_request(inputs, generation_config, kwargs)
+        if streamer is not None:
+            check_streamed_request(request)
         # 2. Check the prompt, build the canvas, embed the prompt once, place every position.
         plan = self._prepare_decoding(request)
         if streamer is not None:
@@ -204,7 +210,9 @@ class DimpleGenerationMixin(GenerationMixin):
         # 3-4. Block by block (one block unless `block_length`), forward and commit until no mask is left.
         record = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=plan.sequences.device))
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
-        for block_start in range(0, plan.answer_len, plan.block_len):
+        for block_start, block_steps in zip(range(0, plan.answer_len, plan.block_len), plan.steps_per_block):
+            plan.block_steps = block_steps
+            plan.timesteps = torch.linspace(1, plan.config.eps, block_steps + 1, device=plan.sequences.device)
             self._decode_block(plan, block_start, record, draft_streamer)
         # 5. Report, apply stop strings, stream the final text, shape the output.
         return self._finish(plan, record, request.tokenizer, streamer)
@@ -213,20 +221,24 @@ class DimpleGenerationMixin(GenerationMixin):
         self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
     ) -> tuple[DimpleGenerationConfig, dict[str, Any]]:
         """1. Call kwargs > `generation_config` argument > `model.generation_config` > class defaults; returns the
-        config and the kwargs that are not settings (the model inputs)."""
-        base = generation_config if generation_config is not None else self.generation_config
-        if not isinstance(base, DimpleGenerationConfig):
-            base = DimpleGenerationConfig.from_loaded(base)
-        config = copy.deepcopy(base)
-        model_inputs = config.update(**kwargs)
+        config and the kwargs that are not settings (the model inputs).
+
+        As in transformers' `_prepare_generation_config`, a passed config overrides the model's only where it sets
+        a field (not None; for a `DimpleGenerationConfig`, not at Dimple's default), so its gaps are the model's."""
+        config = copy.deepcopy(self.generation_config)
+        if not isinstance(config, DimpleGenerationConfig):
+            config = DimpleGenerationConfig.from_loaded(config)
+        given = with_length_rule(given_settings(generation_config)) if generation_config is not None else {}
+        config.update(**given, allow_custom_entries=True)
+        model_inputs = config.update(**with_length_rule(kwargs))
         for key in ("mask_token_id", "pad_token_id", "eos_token_id"):
             if getattr(config, key) is None:
                 setattr(config, key, getattr(self.config, key))
         check_mask_token_id(config, self.config.vocab_size)
+        config.settle_threshold(explicit="alg_p_threshold" in given or "alg_p_threshold" in kwargs)
+        check_decoding_choice(config)
         config.temperature = config.effective_temperature()
-        for flag in ("output_history", "output_scores"):
-            if getattr(config, flag) and not config.return_dict_in_generate:
-                raise ValueError(f"{flag}=True needs return_dict_in_generate=True (the result lives in the output).")
+        config.top_k = config.top_k or None  # 0 is transformers' "no top-k filter"
         return config, model_inputs
 
     def _resolve_request(
@@ -238,7 +250,6 @@ class DimpleGenerationMixin(GenerationMixin):
         template = kwargs.pop("response_template", None)
         tokenizer = kwargs.pop("tokenizer", None)
         refuse_unsupported_arguments(kwargs)
-        length_given_as_total = "max_length" in kwargs and "max_new_tokens" not in kwargs
         config, model_inputs = self._resolve_generation_config(generation_config, kwargs)
         input_ids = inputs if inputs is not None else model_inputs.pop("input_ids", None)
         prompt = {name: model_inputs.pop(name, None) for name in MODEL_INPUT_NAMES}
@@ -249,9 +260,7 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         if config.stop_strings is not None and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer to read the answer: pass tokenizer=processor.tokenizer.")
-        return _GenerateRequest(
-            config, input_ids, prompt, template, length_given_as_total, tokenizer, tokens_hook, logits_hook
-        )
+        return _GenerateRequest(config, input_ids, prompt, template, tokenizer, tokens_hook, logits_hook)
 
     def _prepare_decoding(self, request: _GenerateRequest) -> _DecodingPlan:
         """2. The canvas after the checked prompt, the prompt's embeddings (images merged) and every position."""
@@ -269,9 +278,7 @@ class DimpleGenerationMixin(GenerationMixin):
             input_ids, attention_mask, config.mask_token_id, self.config, self.device
         )
         batch_size, prompt_len = input_ids.shape
-        canvas = initial_canvas(
-            config, request.template, batch_size, prompt_len, request.length_given_as_total, self.config, self.device
-        )
+        canvas = initial_canvas(config, request.template, batch_size, prompt_len, self.config, self.device)
         if inputs_embeds is not None:
             inputs_embeds = inputs_embeds.to(self.device, self.dtype)
         prompt_embeds, placeholder_ids = self._embed_inputs(
@@ -319,8 +326,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 "generation_tokens_hook_func / generation_logits_hook_func follow the reference's single-block "
                 "decoding; unset block_length (or make it >= max_new_tokens) to use them."
             )
-        steps = config.steps or answer_len
-        block_steps = steps if num_blocks == 1 else -(-steps // num_blocks)
+        block_sizes = [min(block_len, answer_len - start) for start in range(0, answer_len, block_len)]
+        steps_per_block = split_steps(config.steps or answer_len, block_sizes)
         banned_ids = [config.mask_token_id] + [getattr(self.config, name) for name in VISION_TOKEN_KEYS]
         banned_ids += list(config.suppress_tokens or []) + [words[0] for words in config.bad_words_ids or []]
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=sequences.device)
@@ -338,9 +345,11 @@ class DimpleGenerationMixin(GenerationMixin):
             banned=banned,
             stop_ids=torch.tensor(stop_token_ids(config), dtype=torch.long, device=sequences.device),
             answer_masks_at_start=(sequences[:, prompt_len:] == config.mask_token_id).sum(dim=1),
+            fixed=sequences[:, prompt_len:] != config.mask_token_id,
             block_len=block_len,
-            block_steps=block_steps,
-            timesteps=torch.linspace(1, config.eps, block_steps + 1, device=sequences.device),
+            steps_per_block=steps_per_block,
+            block_steps=steps_per_block[0],
+            timesteps=torch.linspace(1, config.eps, steps_per_block[0] + 1, device=sequences.device),
             tokens_hook=request.tokens_hook,
             logits_hook=request.logits_hook,
             cache=DimpleDiffusionCache(self.config.num_hidden_layers) if config.use_cache else None,
@@ -465,14 +474,14 @@ class DimpleGenerationMixin(GenerationMixin):
         warn_about_nonfinite_logits(int(record.nonfinite_steps), record.forward_passes)
         if record.unfinished:
             logger.warning(
-                f"{record.unfinished} <|mask|> token(s) are still in the answer after {plan.block_steps} step(s) per "
-                f"block (alg={config.alg!r}, alg_p_threshold={config.alg_p_threshold}); raise `steps` or enable "
-                "confident decoding to fill every slot."
+                f"{record.unfinished} <|mask|> token(s) are still in the answer after {sum(plan.steps_per_block)} "
+                f"step(s) (steps={config.steps}, alg={config.alg!r}, alg_p_threshold={config.alg_p_threshold}); "
+                "raise `steps` or enable confident decoding to fill every slot."
             )
         if config.stop_strings is not None:
             stop_strings = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings
             plan.sequences[:, prompt_len:] = end_at_stop_strings(
-                plan.canvas, stop_strings, tokenizer, config.pad_token_id
+                plan.canvas, stop_strings, tokenizer, config.pad_token_id, plan.fixed
             )
         if streamer is not None:
             stop_ids = plan.stop_ids.tolist()
@@ -489,6 +498,37 @@ class DimpleGenerationMixin(GenerationMixin):
             scores=tuple(record.scores) if config.output_scores else None,
             num_forward_passes=record.forward_passes,
             tokens_per_forward=committed.float() / max(record.forward_passes, 1),
+        )
+
+
+def check_decoding_choice(config: DimpleGenerationConfig) -> None:
+    """Settings that are valid alone but wasted together: refused (or reported) as transformers does."""
+    if config.num_return_sequences > 1 and config.is_deterministic():
+        raise ValueError(
+            f"num_return_sequences={config.num_return_sequences} with greedy decoding would return identical "
+            "answers at that many times the compute; sample (do_sample=True or temperature > 0, or a random position "
+            "rule such as alg='origin') or set num_return_sequences=1."
+        )
+    if config.do_sample is False and config.temperature:
+        logger.warning_once(
+            f"do_sample=False decodes greedily, so temperature={config.temperature} has no effect; unset do_sample "
+            "(or set do_sample=True) to sample."
+        )
+    for flag in ("output_history", "output_scores"):
+        if getattr(config, flag) and not config.return_dict_in_generate:
+            raise ValueError(f"{flag}=True needs return_dict_in_generate=True (the result lives in the output).")
+
+
+def check_streamed_request(request: _GenerateRequest) -> None:
+    """A streamer follows one answer (as in transformers); refuse more before the first step, not after the last,
+    so that a `TextIteratorStreamer` consumer is never left waiting."""
+    prompt = request.input_ids if request.input_ids is not None else request.inputs["inputs_embeds"]
+    rows = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.ndim > 1 else 1
+    if request.config.num_return_sequences > 1 or rows > 1:
+        raise ValueError(
+            f"A streamer follows a single answer, but this call makes {rows * request.config.num_return_sequences} "
+            f"(batch size {rows}, num_return_sequences={request.config.num_return_sequences}); drop the streamer or "
+            "ask for one answer."
         )
 
 

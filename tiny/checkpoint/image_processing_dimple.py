@@ -61,9 +61,11 @@ def normalized_rgb(image: Image.Image) -> Image.Image:
     white (the background transformers' own RGB conversion uses)."""
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
-        # 16-bit grey (and PNG's 32-bit "I" for 16-bit data): 65535 is white, so divide by 257 = 65535 / 255.
+        # 16-bit grey: 65535 is white, so divide by 257 = 65535 / 255. Mode "I" (32-bit) holds 16-bit data (older
+        # Pillow reads 16-bit PNGs so) or 8-bit values (e.g. converted from "L"): values up to 255 only are 8-bit.
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+        eight_bit = image.mode == "I" and values.size > 0 and values.max() <= 255
+        image = Image.fromarray(np.clip(np.rint(values if eight_bit else values / 257.0), 0, 255).astype(np.uint8))
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

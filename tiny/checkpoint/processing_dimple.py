@@ -187,19 +187,18 @@ class DimpleProcessor(Qwen2VLProcessor):
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
-        """Decode generated ids, each row cut at its first ``<|endoftext|>`` after its first real token.
+        """Decode generated answers (the ids after the prompt), each row cut at its first ``<|endoftext|>``.
 
         A diffusion answer fills all its slots; the model ends the text with ``<|endoftext|>`` and anything the
-        canvas holds after that is not part of the answer. Leading ``<|endoftext|>`` are left padding.
+        canvas holds after that is not part of the answer. An answer that starts with ``<|endoftext|>`` is empty
+        (''), as the streamer, the pipelines and the server give it: the same `answer_lengths` rule.
         """
         batch = generated_outputs if len(generated_outputs.shape) == 2 else [generated_outputs]
         stop = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         cut = []
         for row in batch:
             row = torch.as_tensor(row, dtype=torch.long)
-            real = (row != stop).nonzero()
-            start = int(real[0]) if len(real) else len(row)
-            cut.append(row[: start + int(answer_lengths(row[None, start:], [stop])[0])].tolist())
+            cut.append(row[: int(answer_lengths(row[None], [stop])[0])].tolist())
         return super().post_process_image_text_to_text(cut, skip_special_tokens=skip_special_tokens, **kwargs)
 
 

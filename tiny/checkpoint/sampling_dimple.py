@@ -78,6 +78,22 @@ def snapped_commit_counts(
     return torch.where(masks_left > 0, row_counts, 0), timesteps[chosen]
 
 
+def split_steps(steps: int, block_sizes: list[int]) -> list[int]:
+    """`steps` (the most forward passes in total) split over blocks in proportion to their sizes: one each, the
+    rest by largest remainder, so the shares sum to `steps` and equal blocks get equal shares (earlier first)."""
+    if steps < len(block_sizes):
+        raise ValueError(
+            f"steps={steps} is fewer than the {len(block_sizes)} blocks of block_length {block_sizes[0]}; each block "
+            "needs at least one forward pass. Raise steps or block_length."
+        )
+    spare, total = steps - len(block_sizes), sum(block_sizes)
+    shares = [1 + spare * size // total for size in block_sizes]
+    remainders = sorted(range(len(block_sizes)), key=lambda i: (-(spare * block_sizes[i] % total), i))
+    for index in remainders[: steps - sum(shares)]:
+        shares[index] += 1
+    return shares
+
+
 def linear_commit_counts(masks_left: torch.Tensor, step: int, timesteps: torch.Tensor) -> torch.Tensor:
     """`dream` schedule: commit floor(masks_left * (1 - s / t)) at grid step t -> s, everything at the end."""
     if step == timesteps.numel() - 2:
@@ -201,15 +217,16 @@ def forbid_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Ten
 
 
 def end_at_stop_strings(
-    answers: torch.LongTensor, stop_strings: list[str], tokenizer: Any, fill_id: int
+    answers: torch.LongTensor, stop_strings: list[str], tokenizer: Any, fill_id: int, fixed: torch.Tensor
 ) -> torch.LongTensor:
     """Per row, every token after the one that completes the first stop string becomes `fill_id` (EOS), so the
-    answer ends there (decoders and `post_process_image_text_to_text` cut at it); the stop string is kept.
+    answer ends there (decoders and `post_process_image_text_to_text` cut at it); the stop string is kept, and so
+    is every `fixed` token (a structure prior's text never changes).
 
     A row is decoded once; only a row holding a stop string is searched, by bisection over its prefixes (a prefix
     that holds a stop string stays holding it as it grows), so the cost is O(log answer_len) decodes per row."""
     answers = answers.clone()
-    for row in answers:
+    for row, row_fixed in zip(answers, fixed):
         ids = row.tolist()
 
         def holds_stop(end: int) -> bool:
@@ -222,7 +239,7 @@ def end_at_stop_strings(
         while low < high:
             middle = (low + high) // 2
             low, high = (low, middle) if holds_stop(middle) else (middle + 1, high)
-        row[high:] = fill_id
+        row[high:] = torch.where(row_fixed[high:], row[high:], fill_id)
     return answers
 
 
@@ -238,9 +255,8 @@ def stop_token_ids(config: Any) -> list[int]:
 def answer_lengths(answers: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Per row, the number of answer tokens before the first stop token (EOS, `<|endoftext|>`): where a diffusion
     answer, which fills every slot of its canvas, ends. The one rule for streamers, the server and the processor."""
-    stops = torch.isin(answers, torch.tensor(stop_ids, device=answers.device))
-    has_stop = stops.any(dim=1)
-    return torch.where(has_stop, stops.int().argmax(dim=1), answers.shape[1])
+    stops = torch.isin(answers, torch.tensor(stop_ids, dtype=answers.dtype, device=answers.device))
+    return (~stops).cumprod(dim=1).sum(dim=1)  # leading non-stop tokens; 0 for an empty or all-stop answer
 
 
 def has_nonfinite_logits(logits: torch.Tensor) -> torch.Tensor:
