@@ -136,8 +136,8 @@ class EngineRequest:
         return self.future.done()
 
     def cancel(self) -> bool:
-        """Give up on the answer (a client that left): True unless it was already done. The engine frees the row
-        at its next step."""
+        """Give up on the answer (a client that left): True if it is cancelled, False if it was already answered
+        or failed (as `Future.cancel`). The engine frees the row at its next step."""
         cancelled = self.future.cancel()
         if cancelled:
             self.engine._wake()
