@@ -207,7 +207,7 @@ class DiffusionEngine:
         self.model, self.max_batch_size, self.memory_budget = model, max_batch_size, memory_budget
         self.forward_passes = 0  # batched passes run so far (tests and benchmarks read it)
         self._rows: list[ActiveRow] = []
-        self._held: ActiveRow | None = None  # prepared head of the queue, waiting for memory
+        self._held: deque[ActiveRow] = deque()  # prepared, next in line (waiting for room or memory)
         self._waiting: deque[EngineRequest] = deque()
         self._lock = threading.Condition()
         self._stopping = self._cancel_pending = False
@@ -230,7 +230,7 @@ class DiffusionEngine:
     def waiting(self) -> int:
         """Requests submitted and not yet decoding."""
         with self._lock:
-            return len(self._waiting) + (self._held is not None)
+            return len(self._waiting) + len(self._held)
 
     def submit(
         self, inputs: Mapping[str, Any], generation_config: Any = None, streamer: Any = None,
@@ -300,8 +300,7 @@ class DiffusionEngine:
             while not (self._rows or self._held or self._waiting or self._stopping):
                 self._lock.wait()
             if self._cancel_pending:
-                held = [self._held.request] if self._held is not None else []
-                for request in [*self._waiting, *held, *(row.request for row in self._rows)]:
+                for request in [*self._waiting, *(row.request for row in [*self._held, *self._rows])]:
                     request.future.cancel()
             return bool(self._rows or self._held or self._waiting) or not self._stopping
 
@@ -310,9 +309,8 @@ class DiffusionEngine:
         with self._lock:
             dropped = [request for request in self._waiting if request.future.cancelled()]
             self._waiting = deque(request for request in self._waiting if not request.future.cancelled())
-        if self._held is not None and self._held.request.future.cancelled():
-            dropped.append(self._held.request)
-            self._held = None
+        dropped += [row.request for row in self._held if row.request.future.cancelled()]
+        self._held = deque(row for row in self._held if not row.request.future.cancelled())
         cancelled_rows = [row for row in self._rows if row.request.future.cancelled()]
         for request in dropped + [row.request for row in cancelled_rows]:
             end_streamer(request.streamer)
@@ -320,46 +318,54 @@ class DiffusionEngine:
 
     def _admit(self) -> None:
         """Move waiting requests, in order, into the batch while it has room (`max_batch_size`, `memory_budget`)."""
+        room = self.max_batch_size - len(self._rows)
+        if len(self._held) < room:
+            self._held.extend(self._prepare(self._take(room - len(self._held))))
         joined: list[ActiveRow] = []
-        while len(self._rows) + len(joined) < self.max_batch_size:
-            row, self._held = self._held or self._prepare_next(), None
-            if row is None:
-                break
+        while self._held and len(joined) < room:
+            row = self._held[0]
             if row.decoding.done:  # nothing to fill (a template without masks)
-                self._finish(row)
+                self._finish(self._held.popleft())
                 continue
             if not self._fits([*self._rows, *joined, row]):
                 if self._rows or joined:
-                    self._held = row
                     break
-                row.request.fail(ValueError(
+                self._held.popleft().request.fail(ValueError(
                     f"This request's {row.decoding.length} positions need {self._cache_bytes([row])} bytes of "
                     f"key/value cache, more than the engine's memory_budget ({self.memory_budget}); shorten the "
                     "prompt or the answer, or raise memory_budget."
                 ))
                 continue
-            joined.append(row)
+            joined.append(self._held.popleft())
         if joined:
             length = max(row.decoding.length for row in [*self._rows, *joined])
             self._cache.rearrange(list(range(len(self._rows))), len(joined), length)
             self._rows.extend(joined)
 
-    def _prepare_next(self) -> ActiveRow | None:
-        """The next waiting request, prepared (settings resolved, prompt checked and embedded); None if none waits.
-        A request whose settings or prompt are refused fails alone."""
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    return None
+    def _take(self, count: int) -> list[EngineRequest]:
+        """Up to `count` waiting requests, oldest first (cancelled ones are dropped on the way)."""
+        taken = []
+        with self._lock:
+            while self._waiting and len(taken) < count:
                 request = self._waiting.popleft()
-            if request.future.cancelled():
-                end_streamer(request.streamer)
-                continue
+                if request.future.cancelled():
+                    end_streamer(request.streamer)
+                else:
+                    taken.append(request)
+        return taken
+
+    def _prepare(self, requests: list[EngineRequest]) -> list[ActiveRow]:
+        """Prepare requests joining together (settings resolved, prompt checked and embedded): their pictures go
+        through the vision tower in one call. A request whose settings or prompt are refused fails alone."""
+        encode_images_together(self.model, requests)
+        rows = []
+        for request in requests:
             arguments, request.arguments = request.arguments, None
             try:
-                return ActiveRow(request, self.model.start_decoding(streamer=request.streamer, **arguments))
+                rows.append(ActiveRow(request, self.model.start_decoding(streamer=request.streamer, **arguments)))
             except Exception as error:
                 request.fail(error)
+        return rows
 
     def _cache_bytes(self, rows: list[ActiveRow]) -> int:
         """Key/value cache of a batch: rows x longest sequence x bytes per position (all layers, keys and values)."""
@@ -434,6 +440,46 @@ class DiffusionEngine:
         kept = [index for index, row in enumerate(self._rows) if row not in leaving]
         self._rows = [self._rows[index] for index in kept]
         self._cache.rearrange(kept, 0, max((row.decoding.length for row in self._rows), default=0))
+
+
+def encode_images_together(model: Any, requests: list[EngineRequest]) -> None:
+    """One vision-tower call for the pictures of every request joining at this step, instead of one call each (on a
+    small model, the tower's per-call overhead is a large part of preparing a request). Each request then carries
+    its prompt embeddings with its image features merged, as `generate()` builds them from its pixels; a request
+    whose image inputs do not look like the processor's keeps its pixels, so its own preparation names the problem.
+    """
+    chosen = [request for request in requests if has_processor_images(request.arguments)]
+    if len(chosen) < 2 or len({request.arguments["pixel_values"].dtype for request in chosen}) > 1:
+        return
+    try:
+        features = model.get_image_features(
+            torch.cat([request.arguments["pixel_values"] for request in chosen]),
+            torch.cat([request.arguments["image_grid_thw"] for request in chosen]),
+        ).pooler_output
+    except Exception:  # each request's own preparation reports what is wrong with its pictures
+        return
+    images = iter(features)
+    for request in chosen:
+        rows = torch.cat([next(images) for _ in range(request.arguments["image_grid_thw"].shape[0])])
+        input_ids = request.arguments["input_ids"].to(model.device)
+        is_image = input_ids == model.config.image_token_id
+        in_vocabulary = 0 <= int(input_ids.min()) and int(input_ids.max()) < model.config.vocab_size
+        if int(is_image.sum()) != rows.shape[0] or not in_vocabulary:
+            continue  # its own preparation names the problem
+        embeds = model.get_input_embeddings()(input_ids)
+        embeds = embeds.masked_scatter(is_image[..., None], rows.to(embeds.device, embeds.dtype))
+        request.arguments.pop("pixel_values")
+        request.arguments.update(input_ids=input_ids, inputs_embeds=embeds)
+
+
+def has_processor_images(arguments: dict[str, Any]) -> bool:
+    """Pixels, grid and ids shaped as the processor returns them for one prompt (and no embeddings of its own)."""
+    pixels, grid, ids = (arguments.get(name) for name in ("pixel_values", "image_grid_thw", "input_ids"))
+    if not all(isinstance(value, torch.Tensor) for value in (pixels, grid, ids)) or "inputs_embeds" in arguments:
+        return False
+    return (pixels.is_floating_point() and pixels.ndim == 2 and not grid.is_floating_point() and grid.ndim == 2
+            and grid.shape[-1] == 3 and pixels.shape[0] == int(grid.prod(dim=-1).sum()) and ids.ndim == 2
+            and not ids.is_floating_point())
 
 
 def checked_request_arguments(inputs: Mapping[str, Any], generation_config: Any, settings: dict[str, Any]) -> dict:

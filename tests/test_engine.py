@@ -12,7 +12,13 @@ from transformers import TextIteratorStreamer
 
 from prompts import encode, picture
 
-from dimple.engine import DiffusionEngine, generate_batch
+from dimple.engine import (
+    DiffusionEngine,
+    EngineRequest,
+    checked_request_arguments,
+    encode_images_together,
+    generate_batch,
+)
 
 # Mixed prompts (text, one or two pictures) and settings, one request each.
 PROMPTS = [
@@ -151,10 +157,13 @@ def test_a_failing_request_does_not_affect_the_others(model, processor, requests
     broken_streamer = FailingDraftStreamer()
     masked_prompt = encode(processor, ["Hi."])
     masked_prompt["input_ids"][0, -3] = model.config.mask_token_id
+    cut_pixels = dict(requests[0][0])  # joins with other pictures, whose vision tower call it must not spoil
+    cut_pixels["pixel_values"] = cut_pixels["pixel_values"][:-4]
     with DiffusionEngine(model, max_batch_size=8) as engine:
         bad_setting = engine.submit(requests[0][0], alg="nope")
         broken = engine.submit(requests[2][0], streamer=broken_streamer, **requests[2][1])
         bad_prompt = engine.submit(masked_prompt)
+        bad_pixels = engine.submit(cut_pixels)
         good = [engine.submit(inputs, **settings) for inputs, settings, _, _ in requests]
         answers = [handle.result(timeout=300) for handle in good]
     with pytest.raises(ValueError, match="alg"):
@@ -164,8 +173,25 @@ def test_a_failing_request_does_not_affect_the_others(model, processor, requests
     assert broken_streamer.ended.is_set()
     with pytest.raises(ValueError, match="mask token"):
         bad_prompt.result()
+    with pytest.raises(ValueError, match="pixel_values has shape"):
+        bad_pixels.result()
     for answer, (_, settings, solo, _) in zip(answers, requests):
         assert torch.equal(answer, solo), settings
+
+
+def test_pictures_of_requests_joining_together_take_one_vision_tower_call(model, requests, monkeypatch):
+    calls = []
+    vision = model.get_image_features
+    monkeypatch.setattr(model, "get_image_features", lambda *args, **kwargs: calls.append(1) or vision(*args, **kwargs))
+    with_pictures = [case for case in requests if "pixel_values" in case[0] and "seed" not in case[1]]
+    assert len(with_pictures) >= 3
+    joining = [EngineRequest(None, checked_request_arguments(inputs, None, settings), None, None)
+               for inputs, settings, _, _ in with_pictures]
+    encode_images_together(model, joining)
+    assert len(calls) == 1 and not any("pixel_values" in request.arguments for request in joining)
+    for request, (inputs, _, solo, _) in zip(joining, with_pictures):
+        out = model.generate(**request.arguments)
+        assert torch.equal(out[0, inputs["input_ids"].shape[1] :], solo)
 
 
 def test_shutdown_finishes_submitted_requests_then_refuses_new_ones(model, requests):
