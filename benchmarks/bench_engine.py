@@ -48,6 +48,10 @@ def client_requests(processor: DimpleProcessor, count: int) -> list[dict[str, to
     return requests
 
 
+def on_device(inputs: dict, device: torch.device) -> dict:
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile: the smallest value at or above `share` of them."""
     ordered = sorted(values)
@@ -58,7 +62,7 @@ def one_by_one(model: Any, requests: list[dict], settings: dict) -> dict:
     """generate() per request, in turn: latency counts the wait for the requests before it."""
     start, latencies, answers = time.perf_counter(), [], []
     for inputs in requests:
-        inputs = inputs.to(model.device)
+        inputs = on_device(inputs, model.device)
         answers.append(model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1] :].cpu())
         latencies.append(time.perf_counter() - start)
     return dict(wall=time.perf_counter() - start, latencies=latencies, answers=answers)
@@ -68,7 +72,7 @@ def together(engine: DiffusionEngine, requests: list[dict], settings: dict) -> d
     """Every request submitted to the engine at once; latency is submission to answer."""
     finished: dict[int, float] = {}
     start = time.perf_counter()
-    handles = [engine.submit(inputs.to(engine.model.device), **settings) for inputs in requests]
+    handles = [engine.submit(on_device(inputs, engine.model.device), **settings) for inputs in requests]
     for index, handle in enumerate(handles):
         handle.future.add_done_callback(lambda _, index=index: finished.__setitem__(index, time.perf_counter()))
     answers = [handle.result().cpu() for handle in handles]
