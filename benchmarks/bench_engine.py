@@ -37,15 +37,21 @@ COLUMNS = ("clients", "mode", "wall s", "requests/s", "answer tok/s", "p50 laten
            "speed-up", "answers equal solo")
 
 
+def client_chats(count: int) -> list[list[dict]]:
+    """`count` held-out shapes-task chats (picture + question)."""
+    return [example(index, split="test")["messages"][:1] for index in range(count)]
+
+
 def client_requests(processor: DimpleProcessor, count: int) -> list[dict[str, torch.Tensor]]:
-    """`count` held-out shapes-task chats (picture + question), one processor output each."""
-    requests = []
-    for index in range(count):
-        user_turn = example(index, split="test")["messages"][:1]
-        requests.append(processor.apply_chat_template(
-            user_turn, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ))
-    return requests
+    """The chats of `client_chats`, one processor output each (what one client sends)."""
+    return [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt") for chat in client_chats(count)]
+
+
+def padded_requests(processor: DimpleProcessor, count: int) -> dict[str, torch.Tensor]:
+    """The first `count` chats as one left-padded batch."""
+    return processor.apply_chat_template(client_chats(count), add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
 
 
 def on_device(inputs: dict, device: torch.device) -> dict:
@@ -56,6 +62,16 @@ def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile: the smallest value at or above `share` of them."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def padded_batch(model: Any, batch: dict, settings: dict) -> dict:
+    """One static generate() call over the whole burst, left-padded: every request waits for the slowest, and none
+    can join later; the ceiling a scheduler that batches whole bursts reaches."""
+    start = time.perf_counter()
+    out = model.generate(**on_device(batch, model.device), **settings).cpu()
+    wall = time.perf_counter() - start
+    answers = list(out[:, batch["input_ids"].shape[1] :])
+    return dict(wall=wall, latencies=[wall] * len(answers), answers=answers)
 
 
 def one_by_one(model: Any, requests: list[dict], settings: dict) -> dict:
@@ -92,9 +108,10 @@ def summarize(clients: int, mode: str, runs: list[dict], answer_slots: int, solo
 
 
 def measure(model: Any, requests: list[dict], clients: list[int], settings: dict, max_batch_size: int,
-            repeats: int) -> list[dict]:
+            repeats: int, padded: Any = None) -> list[dict]:
     """For each client count: one by one, then the engine (max_batch_size = the count, at most `max_batch_size`),
-    each `repeats` times (the first untimed engine call builds nothing, but warms the allocator)."""
+    each `repeats` times (the first untimed engine call builds nothing, but warms the allocator); with `padded`
+    (count -> a left-padded batch of the same requests), also one static padded generate() call."""
     answer_slots = settings["max_new_tokens"]
     rows = []
     for count in clients:
@@ -107,6 +124,10 @@ def measure(model: Any, requests: list[dict], clients: list[int], settings: dict
             batched = [together(engine, burst, settings) for _ in range(repeats)]
         rows += [base, summarize(count, f"engine, max batch {min(count, max_batch_size)}", batched, answer_slots,
                                  solo, base["wall"])]
+        if padded is not None and count > 1:
+            static = [padded_batch(model, padded(count), settings) for _ in range(repeats)]
+            rows.append(summarize(count, "one padded batch (generate), reference", static, answer_slots, solo,
+                                  base["wall"]))
     return rows
 
 
@@ -145,8 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     processor = DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT)
     requests = client_requests(processor, max(args.clients))
     settings = dict(max_new_tokens=args.max_new_tokens)
-    rows = measure(model, requests, args.clients, settings, args.max_batch_size, args.repeats)
-    sections = [f"In-process, {len(set(map(id, requests)))} held-out shapes-task chats (picture + question)", ""]
+    rows = measure(model, requests, args.clients, settings, args.max_batch_size, args.repeats,
+                   padded=lambda count: padded_requests(processor, count))
+    sections = [f"In-process: N clients each send one of N held-out shapes-task chats (picture + question) at once. "
+                "Reference row: the same N as one static padded generate() call (no request can join or leave "
+                "it; latency = its wall time).", ""]
     sections += render_rows(rows)
     if args.server:
         from bench_engine_server import measure_server
