@@ -6,13 +6,15 @@ sampling settings a diffusion decoder has no use for, and knows none of Dimple's
 
 Decoding settings (`steps`, `alg`, `alg_p_threshold`, `decoding_pipeline`, `temperature`, ...; the fields of
 `DimpleGenerationConfig`) come from, later winning: the checkpoint's generation_config.json, `--model_args`, the
-task's `generation_kwargs`, `--gen_kwargs`. Requests are batched (`--batch_size N`); Dimple decides every row on its
-own, so each answer is what its prompt gives alone.
+task's `generation_kwargs`, `--gen_kwargs`. `--batch_size N` decodes up to N requests together through the batching
+engine (`dimple.engine`: one forward pass per step over every active request, whatever their tasks and settings;
+a finished request's place goes to the next at once), and each answer is what its prompt gives alone.
 """
 
 import copy
 import math
 import re
+from collections import deque
 from typing import Any
 
 import torch
@@ -22,6 +24,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModel, AutoProcessor
+
+from .engine import DiffusionEngine, EngineRequest
 
 # The released wrapper's image pre-resize bounds (reference `_regularize_images`): sides of at least 28 pixels and
 # aspect ratios up to 200 reach the processor.
@@ -180,39 +184,50 @@ class Dimple(lmms):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
-    def generate_batch(self, conversations: list[list[dict]], gen_kwargs: dict[str, Any]) -> list[str]:
-        """Answers for a batch of chats sharing one set of generation kwargs."""
+    def submit(
+        self, engine: DiffusionEngine, conversation: list[dict], gen_kwargs: dict[str, Any]
+    ) -> tuple[EngineRequest, list[str]]:
+        """Queue one chat on the engine with its task's settings; returns the request and its `until` strings."""
         kwargs, until = decoding_kwargs(gen_kwargs)
         inputs = self.processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs={"padding": True},  # left padding: Dimple's processor pads on the left
+            [conversation], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         ).to(self.device)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **{**self.decoding, **kwargs})
-        answers = self.processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])
-        return [cut_at(answer, until).strip() for answer in answers]
+        return engine.submit(inputs, **{**self.decoding, **kwargs}), until
+
+    def answer(self, submitted: tuple[EngineRequest, list[str]]) -> str:
+        """The request's answer text, cut at its first `until` string."""
+        request, until = submitted
+        text = self.processor.post_process_image_text_to_text(request.result()[None])[0]
+        return cut_at(text, until).strip()
+
+    def generate_batch(self, conversations: list[list[dict]], gen_kwargs: dict[str, Any]) -> list[str]:
+        """Answers for chats sharing one set of generation kwargs, decoded together."""
+        with DiffusionEngine(self.model, max_batch_size=self.batch_size) as engine:
+            submitted = [self.submit(engine, conversation, gen_kwargs) for conversation in conversations]
+            return [self.answer(one) for one in submitted]
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Answer every request; batches hold requests of one task with the same generation kwargs."""
-        results: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(requests):
-            _, gen_kwargs, _, _, task, split = request.args
-            groups.setdefault((task, split, repr(sorted(gen_kwargs.items()))), []).append(index)
+        """Answer every request, in order, `batch_size` at a time on the engine; at most twice that many are
+        prepared ahead, so a long benchmark never holds all its pictures in memory."""
+        results: list[str] = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Dimple answering")
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                chats = []
-                for index in batch:
-                    context, _, doc_to_visual, doc_id, task, split = requests[index].args
-                    chats.append(self.conversation(context, doc_to_visual(self.task_dict[task][split][doc_id])))
-                answers = self.generate_batch(chats, requests[batch[0]].args[1])
-                for index, answer in zip(batch, answers, strict=True):
-                    results[index] = answer
-                    context, gen_kwargs = requests[index].args[:2]
-                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
-                progress.update(len(batch))
+        pending: deque[tuple[Instance, tuple[EngineRequest, list[str]]]] = deque()
+
+        def collect_oldest() -> None:
+            request, submitted = pending.popleft()
+            results.append(self.answer(submitted))
+            self.cache_hook.add_partial("generate_until", tuple(request.args[:2]), results[-1])
+            progress.update(1)
+
+        with DiffusionEngine(self.model, max_batch_size=self.batch_size) as engine:
+            for request in requests:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                chat = self.conversation(context, doc_to_visual(self.task_dict[task][split][doc_id]))
+                pending.append((request, self.submit(engine, chat, gen_kwargs)))
+                if len(pending) > 2 * self.batch_size:
+                    collect_oldest()
+            while pending:
+                collect_oldest()
         progress.close()
         return results
 

@@ -17,11 +17,14 @@ still leaves a valid partial report.
    answers 64/256/512; eager vs torch.compile vs compiled CUDA graphs (reduce-overhead); each attention backend.
 6. tps: answer tokens per second against transformers' Qwen2.5-VL of the same size with its KV cache, at 1, 2 and
    3 tokens per step, batch 1 and 8.
+7. engine: concurrent clients (1, 8, 32) at 7B: the same requests one by one with generate() and submitted at once
+   to the batching engine (`dimple.engine`), as benchmarks/bench_engine.py measures the tiny model on a CPU.
 Then the goals are read off the numbers: cached step <= 1.3x the floor, batch-1 tokens/s >= 2x the peer at 3
-tokens per step, flash attention >= sdpa.
+tokens per step, flash attention >= sdpa, the engine >= 2x one by one at the most clients.
 
 `--dry-run` runs every path of this script on tiny sizes on the CPU (tests/test_gpu_run.py does, so the script cannot
-rot between loans). README "One prepared GPU run" gives the command and the install path on the lent machine.
+rot between loans); it writes into `--out` or, without it, a new temporary folder, never into the tracked
+benchmarks/. README "One prepared GPU run" gives the command and the install path on the lent machine.
 
     python benchmarks/gpu_run.py --out "$OUT"        # GPU: appends to $OUT/RESULTS.md, writes $OUT/gpu_run-<time>.json
     python benchmarks/gpu_run.py --dry-run --out /tmp/rehearsal
@@ -37,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -50,6 +54,7 @@ from transformers import CompileConfig
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
 
+import bench_engine
 import bench_generate as bench
 from reference_fixtures import ReferenceSet, all_sets, forward_cases, generation_runs, run_kwargs
 
@@ -107,6 +112,8 @@ class Plan:
     copy_bytes: int
     matmul_size: int
     runs: int  # timed calls per measurement (median)
+    engine_clients: tuple[int, ...]  # concurrent clients of the engine section
+    engine_answer: int  # their answer length
     section_caps: dict[str, float]  # most seconds each section may take
 
 
@@ -122,7 +129,8 @@ def gpu_plan() -> Plan:
         compile_configs={"CUDA graphs": CompileConfig(mode="reduce-overhead"),
                          "torch.compile": CompileConfig(mode="default")},
         compile_needs_s=60, copy_bytes=2 * 2**30, matmul_size=8192, runs=1,
-        section_caps=dict(env=20, cuda_tests=120, fixtures=75, floor=20, steps=180, tps=120),
+        engine_clients=(1, 8, 32), engine_answer=64,
+        section_caps=dict(env=20, cuda_tests=120, fixtures=75, floor=20, steps=180, engine=75, tps=120),
     )
 
 
@@ -138,7 +146,8 @@ def dry_run_plan() -> Plan:
         fixture_backends=("sdpa", "flash_attention_2"), fixture_runs=2, timing_backends=("sdpa", "eager"),
         compile_configs={"CUDA graphs": eager_dynamo, "torch.compile": eager_dynamo}, compile_needs_s=0,
         copy_bytes=8 * 2**20, matmul_size=128, runs=1,
-        section_caps=dict(env=600, cuda_tests=600, fixtures=600, floor=600, steps=600, tps=600),
+        engine_clients=(1, 2), engine_answer=8,
+        section_caps=dict(env=600, cuda_tests=600, fixtures=600, floor=600, steps=600, engine=600, tps=600),
     )
 
 
@@ -632,6 +641,42 @@ def render_tps(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 7. concurrent clients: the batching engine against one by one
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_engine(run: Run, record: dict) -> None:
+    """Per client count (fewest first): the same requests one by one with generate(), then submitted at once to the
+    batching engine (bench_engine.measure). Random weights: the schedule fixes ~3 tokens per step (no threshold);
+    whether each engine answer equals its solo answer is reported, not required (bfloat16 kernels may round a
+    batch differently)."""
+    plan = run.plan
+    settings = dict(max_new_tokens=plan.engine_answer, steps=max(1, plan.engine_answer // 3), alg_p_threshold=None)
+    requests = [run.prompt(1)]
+    record.update(answer=plan.engine_answer, prompt_tokens=requests[0]["input_ids"].shape[1],
+                  max_batch_size=max(plan.engine_clients))
+    record["rows"] = rows = []
+    for clients in plan.engine_clients:
+        run.budget.require(1, f"{clients} concurrent clients")
+        try:
+            rows += bench_engine.measure(run.dimple(), requests, [clients], settings, max(plan.engine_clients), 1)
+        except Exception as error:  # e.g. out of memory at the most clients: the smaller counts stay measured
+            rows.append(dict(clients=clients, error=f"{type(error).__name__}: {str(error)[:200]}"))
+
+
+def render_engine(record: dict) -> str:
+    if "rows" not in record:
+        return ""
+    lines = [f"{record['prompt_tokens']}-token prompt (one image), {record['answer']}-token answers, ~3 tokens/step "
+             "by schedule; N clients send one request each at once. One by one: generate() per request in turn "
+             f"(latency includes the wait); engine: max batch {record['max_batch_size']}, one forward pass per step "
+             "over every active request. Speed-up = one-by-one wall time / engine wall time.", ""]
+    lines += bench_engine.render_rows([row for row in record["rows"] if "error" not in row])
+    lines += [f"- {row['clients']} clients: {row['error']}" for row in record["rows"] if "error" in row]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -653,6 +698,7 @@ SECTIONS = (
     Section("fixtures", "Reference fixtures on the device", run_fixtures, render_fixtures),
     Section("floor", "Physical limit", run_floor, render_floor),
     Section("steps", "Per-step latency", run_steps, render_steps),
+    Section("engine", "Concurrent clients: batching engine vs one by one", run_engine, render_engine),
     Section("tps", "Tokens per second vs the autoregressive peer", run_tps, render_tps),
 )
 
@@ -684,6 +730,12 @@ def goals(sections: dict) -> list[dict]:
     if not any(goal["goal"].startswith("flash") for goal in found):
         found.append(dict(goal="flash attention step speed vs sdpa", target=">= 1.00x", measured=None,
                           where="no flash-attention package installed", met=None))
+    engine = [row for row in sections.get("engine", {}).get("rows", []) if row.get("speedup") is not None]
+    most = max(engine, key=lambda row: row["clients"], default=None)
+    found.append(dict(goal="engine wall time vs one by one at the most clients", target=">= 2.00x",
+                      measured=None if most is None else most["speedup"],
+                      where=None if most is None else f"{most['clients']} clients",
+                      met=None if most is None else most["speedup"] >= 2))
     return found
 
 
@@ -769,8 +821,9 @@ def saver(out: Path, stamp: str) -> Callable[[dict], None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: every path, in about a minute")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder of RESULTS.md (appended to) and the JSON report (default: benchmarks/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of RESULTS.md (appended to) and the JSON report (default: benchmarks/; for "
+                             "--dry-run a new temporary folder, so a rehearsal never changes the checkout)")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="seconds for the sections (default 450: with imports and the final write, the "
                              "command fits in 8 minutes)")
@@ -788,7 +841,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         torch.set_num_threads(1)  # tiny sizes gain nothing from threads, and on a busy machine their barriers stall
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    save = saver(args.out, stamp)
+    out = args.out
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="gpu_run-dry-run-")) if args.dry_run else Path(__file__).resolve().parent
+    print(f"gpu_run: writing RESULTS.md and gpu_run-{stamp}.json into {out}", file=sys.stderr, flush=True)
+    save = saver(out, stamp)
     report = run_sections(plan, Budget(args.budget_s), args.sections, SECTIONS, save, args.dry_run)
     print(render(report), flush=True)
     return 1 if any(record["status"].startswith("error") for record in report["sections"].values()) else 0

@@ -76,17 +76,18 @@ def test_the_readme_command_scores_the_bundled_model_with_per_row_answers(tmp_pa
 
 
 def test_model_args_and_gen_kwargs_reach_generate():
-    """--model_args decoding settings are defaults; a task's (or --gen_kwargs') settings override them per call."""
+    """--model_args decoding settings are defaults; a task's (or --gen_kwargs') settings override them per request
+    (each request reaches the batching engine's `start_decoding`, which takes generate()'s arguments)."""
     lm = Dimple.create_from_arg_string("steps=3,alg_p_threshold=0.5,alg=topk_margin", {"batch_size": 2, "device": "cpu"})
     assert lm.batch_size == 2
     calls = []
-    generate = lm.model.generate
+    start_decoding = lm.model.start_decoding
 
     def spy(**kwargs):
         calls.append({key: value for key, value in kwargs.items() if key not in ("input_ids", "attention_mask")})
-        return generate(**kwargs)
+        return start_decoding(**kwargs)
 
-    lm.model.generate = spy
+    lm.model.start_decoding = spy
     chats = [lm.conversation("Colour?", [Image.new("RGB", (64, 48), (200, 30, 30))]), lm.conversation("Hi", [])]
     task_kwargs = {"max_new_tokens": 4, "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False,
                    "alg_p_threshold": 0.9, "until": ["\n"]}

@@ -123,6 +123,12 @@ class _DecodingPlan:
     def hooked(self) -> bool:
         return self.tokens_hook is not None or self.logits_hook is not None
 
+    def enter_block(self, block_start: int) -> None:
+        """Make the block that starts at answer index `block_start` the active one: its share of `steps` and its
+        timestep grid (the same for `generate()` and for a caller-driven `DiffusionDecoding`)."""
+        self.block_steps = self.steps_per_block[block_start // self.block_len]
+        self.timesteps = torch.linspace(1, self.config.eps, self.block_steps + 1, device=self.sequences.device)
+
 
 @dataclass
 class _DecodingRecord:
@@ -210,12 +216,49 @@ class DimpleGenerationMixin(GenerationMixin):
         # 3-4. Block by block (one block unless `block_length`), forward and commit until no mask is left.
         record = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=plan.sequences.device))
         draft_streamer = streamer if hasattr(streamer, "put_draft") else None
-        for block_start, block_steps in zip(range(0, plan.answer_len, plan.block_len), plan.steps_per_block):
-            plan.block_steps = block_steps
-            plan.timesteps = torch.linspace(1, plan.config.eps, block_steps + 1, device=plan.sequences.device)
+        for block_start in range(0, plan.answer_len, plan.block_len):
+            plan.enter_block(block_start)
             self._decode_block(plan, block_start, record, draft_streamer)
         # 5. Report, apply stop strings, stream the final text, shape the output.
         return self._finish(plan, record, request.tokenizer, streamer)
+
+    def start_decoding(
+        self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
+        streamer=None, **kwargs,
+    ) -> "DiffusionDecoding":
+        """The public seam for schedulers that run the forward passes themselves (`dimple.engine` batches many
+        requests into one pass per step): phases 1-2 of `generate()` for one request, returned as a
+        `DiffusionDecoding` whose steps the caller drives. Takes what `generate()` takes, for a batch of one
+        prompt; refuses what needs `generate()`'s own forward (the reference's hooks, `compile_forward`,
+        `num_return_sequences` > 1). Driven to the end with this model's forward and a `DimpleDiffusionCache`,
+        it decodes exactly as `generate()` does."""
+        request = self._resolve_request(inputs, generation_config, kwargs)
+        if request.tokens_hook is not None or request.logits_hook is not None:
+            raise ValueError("generation_tokens_hook_func / generation_logits_hook_func need generate() itself.")
+        if request.config.compile_forward or request.config.num_return_sequences != 1:
+            raise ValueError(
+                "compile_forward and num_return_sequences > 1 need generate() itself; a scheduler runs the "
+                "forward pass and decodes one answer per request."
+            )
+        plan = self._prepare_decoding(request)
+        if plan.sequences.shape[0] != 1:
+            raise ValueError(f"start_decoding takes one prompt, got a batch of {plan.sequences.shape[0]}.")
+        return DiffusionDecoding(self, plan, request.tokenizer, streamer)
+
+    def generate_batch(
+        self, inputs: list, generation_config: GenerationConfig | None = None, progress_bar: bool = True, **kwargs
+    ) -> list[torch.LongTensor]:
+        """transformers' continuous-batching entry point (which decodes autoregressively) for diffusion: every
+        request in `inputs` (processor outputs, one prompt each) is decoded by `dimple.engine`, many per forward
+        pass, and the answers (1-D ids after the prompt) come back in input order. Needs the `dimple` package."""
+        try:
+            from dimple.engine import generate_batch
+        except ImportError as error:
+            raise ImportError(
+                "generate_batch runs the batching engine of the dimple package: pip install dimple (the remote "
+                "code alone decodes with generate())."
+            ) from error
+        return generate_batch(self, inputs, generation_config=generation_config, progress_bar=progress_bar, **kwargs)
 
     def _resolve_generation_config(
         self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
@@ -530,6 +573,101 @@ def check_streamed_request(request: _GenerateRequest) -> None:
             f"(batch size {rows}, num_return_sequences={request.config.num_return_sequences}); drop the streamer or "
             "ask for one answer."
         )
+
+
+class DiffusionDecoding:
+    """One request's decoding as steps a caller drives (made by `DimpleGenerationMixin.start_decoding`).
+
+    Each step the caller runs one forward pass that recomputes the keys/values of `window()` (sequence columns;
+    the others come from the request's cache), reads the logits of `logit_columns()` (in that order; the output
+    at column i predicts token i + 1) and hands them to `advance`. When `done`, `finish()` returns the
+    sequences as `generate()` would. The same phases as `generate()`'s steps and the same private rules, so a
+    request decoded this way gets `generate()`'s answer.
+    """
+
+    def __init__(self, model: "DimpleGenerationMixin", plan: _DecodingPlan, tokenizer: Any, streamer: Any):
+        self.model, self.plan, self.tokenizer, self.streamer = model, plan, tokenizer, streamer
+        self.record = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=plan.sequences.device))
+        self.block_start, self.step, self.done = -plan.block_len, 0, False
+        if streamer is not None:
+            prompt = plan.sequences[:, : plan.prompt_len]
+            streamer.put(prompt.cpu() if plan.prompt_known else prompt[:, :0].cpu())
+        self._next_block()
+
+    @property
+    def length(self) -> int:
+        """Columns of the sequence (prompt + answer)."""
+        return self.plan.sequences.shape[1]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.plan.prompt_len
+
+    def _next_block(self) -> None:
+        """Move to the next block that still holds a mask (`done` after the last)."""
+        plan, mask_id = self.plan, self.plan.config.mask_token_id
+        answer_index = torch.arange(plan.answer_len, device=plan.sequences.device)
+        while True:
+            self.block_start += plan.block_len
+            if self.block_start >= plan.answer_len:
+                self.done = True
+                return
+            plan.enter_block(self.block_start)
+            self.in_block = (answer_index >= self.block_start) & (answer_index < self.block_start + plan.block_len)
+            self.block_masks_at_start = ((plan.canvas == mask_id) & self.in_block).sum(dim=1)
+            self.masks_left = int(self.block_masks_at_start.sum())
+            if self.masks_left:
+                self.step = 0
+                self._find_masks()
+                return
+
+    def _find_masks(self) -> None:
+        self.masked = (self.plan.canvas == self.plan.config.mask_token_id) & self.in_block
+        self.coords = torch.nonzero_static(self.masked, size=self.masks_left)
+
+    def window(self) -> tuple[int, int]:
+        """The columns [start, end) this step recomputes: all of them at a block's first step or without the cache,
+        else the block from one column before it."""
+        plan = self.plan
+        if plan.cache is None or self.step == 0:
+            return 0, self.length
+        start = plan.prompt_len + self.block_start - 1
+        return start, min(start + 1 + plan.block_len, self.length)
+
+    def inputs(self, start: int, end: int) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Embeddings (1, end - start, hidden) and M-RoPE positions (3, 1, end - start) of columns [start, end)."""
+        plan = self.plan
+        answer_embeds = self.model.get_input_embeddings()(plan.sequences[:, max(start, plan.prompt_len) : end])
+        embeds = torch.cat([plan.prompt_embeds[:, start : min(end, plan.prompt_len)], answer_embeds], dim=1)
+        return embeds, plan.position_ids[..., start:end]
+
+    def logit_columns(self) -> torch.LongTensor:
+        """The columns whose logits this step needs: the one before each masked answer slot, in slot order."""
+        return self.coords[:, 1] + (self.plan.prompt_len - 1)
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Commit this step's tokens from the logits of `logit_columns()` (K, vocab), then move to the next step."""
+        plan = self.plan
+        canvas = self.model._commit_step(
+            plan, self.step, self.masked, self.coords, logits, self.block_masks_at_start, self.record
+        )
+        self.record.forward_passes += 1
+        plan.sequences[:, plan.prompt_len :] = canvas
+        if plan.config.output_history:
+            self.record.history.append(plan.sequences.clone())
+        if hasattr(self.streamer, "put_draft"):
+            self.streamer.put_draft(canvas.cpu())
+        self.masks_left = int(((canvas == plan.config.mask_token_id) & self.in_block).sum())
+        self.step += 1
+        if (plan.config.decoding_pipeline == "dim" and self.masks_left == 0) or self.step == plan.block_steps:
+            self.record.unfinished += self.masks_left
+            self._next_block()
+        else:
+            self._find_masks()
+
+    def finish(self) -> torch.LongTensor | DimpleGenerationOutput:
+        """Phase 5 of `generate()`: warnings, stop strings, the streamer's final text, the output."""
+        return self.model._finish(self.plan, self.record, self.tokenizer, self.streamer)
 
 
 def warn_about_nonfinite_logits(bad_steps: int, forward_passes: int) -> None:
