@@ -19,9 +19,9 @@ from transformers.utils import logging
 
 from ..generation_config_dimple import ALGORITHMS
 from ..visualize import denoising_cells, render_gif, render_html
-from .canvas import CANVAS_STYLE, CanvasRecorder, idle_canvas_html
-from .settings import parse_settings, settings_from_config
-from .turn import TurnResult, decode_turn, user_message
+from .canvas import CANVAS_STYLE, idle_canvas_html
+from .settings import DemoSettings, parse_settings, settings_from_config
+from .turn import RunRecord, TurnResult, decode_turn, user_message
 
 logger = logging.get_logger(__name__)
 
@@ -39,7 +39,7 @@ class ChatSession:
     """One visitor's conversation (chat-template turns, pictures included) and their last finished run."""
 
     turns: tuple[dict, ...] = ()
-    last_run: CanvasRecorder | None = None
+    last_run: RunRecord | None = None
 
 
 def problem(text: str) -> str:
@@ -56,11 +56,11 @@ def shown_answer(result: TurnResult) -> list[dict]:
     return [{"role": "assistant", "content": answer}, {"role": "assistant", "content": f"*{result.stats()}*"}]
 
 
-def export_run(recorder: CanvasRecorder | None, tokenizer) -> list[str]:
+def export_run(run: RunRecord | None, tokenizer) -> list[str]:
     """The last run's denoising as an animated GIF and a self-contained HTML page (`dimple.visualize`)."""
-    if recorder is None or not recorder.drafts:
+    if run is None:
         raise ValueError("Nothing to export yet: ask something first, then export its denoising.")
-    frames = denoising_cells(recorder.drafts, tokenizer, recorder.mask_token_id, 0, recorder.template)
+    frames = denoising_cells(run.drafts, tokenizer, run.mask_token_id, 0, run.template)
     folder = Path(tempfile.mkdtemp(prefix="dimple-demo-"))
     gif, page = folder / "denoising.gif", folder / "denoising.html"
     render_gif(frames, gif)
@@ -68,10 +68,14 @@ def export_run(recorder: CanvasRecorder | None, tokenizer) -> list[str]:
     return [str(gif), str(page)]
 
 
-def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
-    defaults = settings_from_config(model.generation_config)
+class DemoChat:
+    """The page's event handlers over one loaded model; all per-visitor data comes and goes through `ChatSession`."""
 
-    def respond(message: dict | None, history: list, session: ChatSession, *fields: Any):
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+
+    def respond(self, message: dict | None, history: list, session: ChatSession, *fields: Any):
+        """Send the message with the conversation so far; yields (chat, canvas, status, session, input box)."""
         message = message or {}
         text, paths = message.get("text") or "", list(message.get("files") or [])
         try:
@@ -83,9 +87,8 @@ def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
         shown = list(history) + shown_user_message(text, paths)
         conversation = [*session.turns, turn]
         stop = threading.Event()
-        result = None
         try:
-            for update in decode_turn(model, processor, conversation, settings, stop):
+            for update in decode_turn(self.model, self.processor, conversation, settings, stop):
                 if isinstance(update, TurnResult):
                     result = update
                 else:
@@ -95,25 +98,44 @@ def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
             return
         except Exception as error:  # our fault: the traceback goes to the server log, one line to the page
             logger.error("Decoding failed", exc_info=error)
-            yield history, gr.skip(), problem(f"Decoding failed ({type(error).__name__}); see the server log."), \
-                session, message
+            failure = problem(f"Decoding failed ({type(error).__name__}); see the server log.")
+            yield history, gr.skip(), failure, session, message
             return
         finally:
-            stop.set()
+            stop.set()  # also when the visitor leaves mid-answer: decoding stops at its next step
         answer_turn = {"role": "assistant", "content": [{"type": "text", "text": result.answer}]}
-        session = ChatSession(turns=(*conversation, answer_turn), last_run=result.recorder)
+        session = ChatSession(turns=(*conversation, answer_turn), last_run=result.run)
         yield shown + shown_answer(result), gr.skip(), f"Done: {result.stats()}.", session, None
 
-    def export(session: ChatSession):
+    def export(self, session: ChatSession):
         try:
-            files = export_run(session.last_run, processor.tokenizer)
+            files = export_run(session.last_run, self.processor.tokenizer)
         except ValueError as error:
             return None, problem(str(error))
         return files, "Exported the last run's denoising as a GIF and an HTML page."
 
+    @staticmethod
     def clear():
         return [], idle_canvas_html(), "", ChatSession(), None, None
 
+
+def settings_fields(defaults: DemoSettings) -> list[gr.components.Component]:
+    """The settings column, in `parse_settings`' order, starting at the model's own generation config."""
+    return [
+        gr.Number(defaults.answer_length, label="Answer length (tokens)", elem_id="setting-length"),
+        gr.Number(defaults.steps or 0, label="Steps (0: one per answer token)", elem_id="setting-steps"),
+        gr.Number(defaults.threshold, label="Confident-decoding threshold (0: off)", elem_id="setting-threshold"),
+        gr.Dropdown(list(ALGORITHMS), value=defaults.algorithm, label="Algorithm", elem_id="setting-algorithm"),
+        gr.Number(defaults.temperature, label="Temperature (0: greedy)", elem_id="setting-temperature"),
+        gr.Number(defaults.top_p, label="Top-p", elem_id="setting-top-p"),
+        gr.Checkbox(defaults.use_cache, label="Prefix cache", elem_id="setting-cache"),
+        gr.Textbox(label="Structure prior (template with <|mask|> slots; sets the length)",
+                   placeholder='{"colour": "<|mask|><|mask|>"}', elem_id="setting-template"),
+    ]
+
+
+def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
+    handlers = DemoChat(model, processor)
     with gr.Blocks(title=f"{title} demo", analytics_enabled=False) as app:  # no calls home
         session = gr.State(ChatSession())
         gr.Markdown(INTRO)
@@ -133,23 +155,11 @@ def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
                     export_button = gr.Button("Export last run (GIF + HTML)", elem_id="dimple-export-button")
                 files = gr.File(label="Exported denoising", file_count="multiple", elem_id="dimple-export")
             with gr.Column(scale=1):
-                gr.Markdown("**Settings** (applied to each message)")
-                fields = [
-                    gr.Number(defaults.answer_length, label="Answer length (tokens)", elem_id="setting-length"),
-                    gr.Number(defaults.steps or 0, label="Steps (0: one per answer token)", elem_id="setting-steps"),
-                    gr.Number(defaults.threshold, label="Confident-decoding threshold (0: off)",
-                              elem_id="setting-threshold"),
-                    gr.Dropdown(list(ALGORITHMS), value=defaults.algorithm, label="Algorithm",
-                                elem_id="setting-algorithm"),
-                    gr.Number(defaults.temperature, label="Temperature (0: greedy)", elem_id="setting-temperature"),
-                    gr.Number(defaults.top_p, label="Top-p", elem_id="setting-top-p"),
-                    gr.Checkbox(defaults.use_cache, label="Prefix cache", elem_id="setting-cache"),
-                    gr.Textbox(label="Structure prior (template with <|mask|> slots; sets the length)",
-                               placeholder='{"colour": "<|mask|><|mask|>"}', elem_id="setting-template"),
-                ]
-        box.submit(respond, [box, chat, session, *fields], [chat, canvas, status, session, box])
-        export_button.click(export, [session], [files, status])
-        clear_button.click(clear, None, [chat, canvas, status, session, box, files])
+                gr.Markdown(f"**Settings** (applied to each message) \u00b7 model: `{title}`")
+                fields = settings_fields(settings_from_config(model.generation_config))
+        box.submit(handlers.respond, [box, chat, session, *fields], [chat, canvas, status, session, box])
+        export_button.click(handlers.export, [session], [files, status])
+        clear_button.click(handlers.clear, None, [chat, canvas, status, session, box, files])
     return app
 
 

@@ -30,15 +30,24 @@ class Stopped(Exception):
     """Raised inside `generate` (through the streamer) when the visitor has left: decoding stops early."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunRecord:
+    """What the export draws: the answer canvas after every step, the structure prior (or None), the mask id."""
+
+    drafts: tuple[torch.Tensor, ...]
+    template: torch.Tensor | None
+    mask_token_id: int
+
+
+@dataclass(frozen=True)
 class TurnResult:
-    """A finished turn: the answer (cut at end-of-text), its statistics, and the recorder (for the export)."""
+    """A finished turn: the answer (cut at end-of-text), its statistics, and its record (for the export)."""
 
     answer: str
     forward_passes: int
     tokens_per_forward: float
     seconds: float
-    recorder: CanvasRecorder
+    run: RunRecord
 
     def stats(self) -> str:
         return (f"{self.forward_passes} forward passes \u00b7 {self.tokens_per_forward:.2f} tokens per forward "
@@ -120,7 +129,7 @@ def decode_turn(
                 forward_passes=output.num_forward_passes,
                 tokens_per_forward=float(output.tokens_per_forward[0]),
                 seconds=seconds,
-                recorder=recorder,
+                run=RunRecord(tuple(recorder.drafts), template, recorder.mask_token_id),
             )
             return
 

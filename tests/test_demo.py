@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -27,7 +28,7 @@ from dimple.cli import main as dimple_main
 from dimple.demo.canvas import CanvasRecorder, canvas_html
 from dimple.demo.settings import parse_settings
 from dimple.demo.space import SPACE_REQUIREMENTS, write_space
-from dimple.demo.turn import HOLD_AFTER_FIRST_STEP
+from dimple.demo.turn import HOLD_AFTER_FIRST_STEP, Stopped, TurnResult, decode_turn, user_message
 from dimple.modeling_dimple import DimpleModel
 from dimple.processing_dimple import DimpleProcessor
 from dimple.tiny.bundled import BUNDLED_CHECKPOINT
@@ -323,7 +324,35 @@ def test_clear_starts_over(page, demo, local, picture_file):
     set_field(page, "setting-threshold", 0.95)
     ask(page, SECOND_QUESTION)
     conversation = [{"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]}]
-    assert wait_for_answer(page, answers_before=0) == expected_answer(local, conversation)
+    shown = wait_for_answer(page, answers_before=0)
+    assert shown == expected_answer(local, conversation)
+    demo["cleared_answer"] = shown[0]
+
+
+def test_two_visitors_at_once_each_get_their_own_answer(page, demo, local):
+    """A second tab is a second visitor: both ask at once (Gradio queues them); each answer is generate's for that
+    visitor's own conversation, so neither sees the other's turns."""
+    first = page.current_window_handle
+    page.switch_to.new_window("tab")
+    try:
+        page.get(demo["url"])
+        wait_for(page, lambda: page.find_elements("css selector", "#dimple-input textarea"), 60, "the second page")
+        ask(page, FIRST_QUESTION)
+        page.switch_to.window(first)
+        ask(page, "And the shapes?")
+        mine = wait_for_answer(page, answers_before=2)
+        page.switch_to.window(page.window_handles[-1])
+        theirs = wait_for_answer(page, answers_before=0)
+    finally:
+        if page.current_window_handle != first:
+            page.close()
+        page.switch_to.window(first)
+    assert theirs == expected_answer(local, [{"role": "user", "content": [{"type": "text", "text": FIRST_QUESTION}]}])
+    assert mine == expected_answer(local, [
+        {"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": demo["cleared_answer"]}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the shapes?"}]},
+    ])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,6 +399,48 @@ def test_the_canvas_shades_each_token_by_the_step_that_committed_it():
     assert 'data-step="1" data-masks="2" data-state="denoising"' in middle and middle.count("tok mask") == 2 + 1
     assert last.count('data-step="2" title') == 2 and last.count('data-step="1" title') == 1
     assert 'data-masks="0"' in last and "step 3" in last  # the legend names the last step of the budget
+
+
+def test_a_structure_prior_turn_streams_every_step_and_answers_as_generate(local):
+    model, processor = local
+    template_text = "It is <|mask|><|mask|><|mask|>."
+    settings = parse_settings(**{**VALID_FIELDS, "template": template_text})
+    conversation = [user_message(SECOND_QUESTION, [])]
+    updates = list(decode_turn(model, processor, conversation, settings, threading.Event()))
+    canvases, result = updates[:-1], updates[-1]
+    assert isinstance(result, TurnResult)
+
+    template = processor.tokenizer(template_text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        output = model.generate(**inputs, response_template=template, return_dict_in_generate=True)
+    answer_ids = output.sequences[:, inputs["input_ids"].shape[1]:]
+    assert result.answer == processor.batch_decode(answer_ids, skip_special_tokens=True)[0]
+    assert result.answer.startswith("It is ") and result.answer.endswith(".")
+    # One canvas per forward pass plus the finished one; the template's fixed tokens are drawn as the prior.
+    assert result.forward_passes == output.num_forward_passes == len(canvases) - 1
+    assert [re.search(r'data-step="(\d+)"', canvas)[1] for canvas in canvases[:-1]] == [
+        str(step) for step in range(1, result.forward_passes + 1)]
+    fixed = int((template != processor.tokenizer.mask_token_id).sum())
+    assert 'data-state="done"' in canvases[-1] and canvases[0].count('class="tok prior"') == fixed + 1  # + legend
+    assert torch.equal(result.run.drafts[-1], answer_ids[0]) and torch.equal(result.run.template, template)
+
+
+def test_a_visitor_who_leaves_stops_the_decoding(local):
+    model, processor = local
+    stop = threading.Event()
+    stop.set()
+    turns = decode_turn(model, processor, [user_message(SECOND_QUESTION, [])], parse_settings(**VALID_FIELDS), stop)
+    with pytest.raises(Stopped):
+        next(turns)
+    assert not [thread for thread in threading.enumerate() if thread.name == "dimple-demo-turn" and thread.is_alive()]
+
+
+def test_an_empty_message_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="The message is empty; type a question"):
+        user_message("  ", [])
 
 
 def test_a_bad_port_is_one_line_before_anything_loads(capsys):
