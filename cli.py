@@ -4,6 +4,7 @@
 progress bar over denoising steps, statistics, and optionally a GIF/HTML picture of the denoising.
 `dimple install-code`: switch a downloaded Dimple checkpoint folder to this implementation's remote code.
 `dimple serve`: transformers' own OpenAI-compatible server for a Dimple checkpoint (see serving.py).
+`dimple demo`: a Gradio chat in the browser that shows the answer canvas denoise (see demo/).
 User errors (`UserError`: bad arguments, unreadable files, unusable checkpoints) end with one line on stderr and exit
 code 2; anything else is a bug and keeps its traceback (exit code 1), which is what a bug report needs.
 """
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
+
+from .demo.command import add_arguments as add_demo_arguments, run as run_demo
 
 USER_ERROR = 2
 
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="serve a Dimple checkpoint (default: the bundled one) with transformers serve's OpenAI-compatible API; "
         "options are transformers serve's (dimple serve --help)",
     )
+    add_demo_arguments(commands.add_parser("demo", help="chat with a checkpoint in the browser, watching it denoise"))
     return parser.parse_args(argv)
 
 
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = parse_args(argv)
-    command = {"generate": generate, "install-code": install}[args.command]
+    command = {"generate": generate, "install-code": install, "demo": run_demo}[args.command]
     try:
         sys.stdout.write(command(args) + "\n")
     except UserError as error:
