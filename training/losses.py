@@ -75,7 +75,9 @@ def predicting_positions(supervised: torch.Tensor) -> torch.Tensor:
     only, in row-major order, which is also the order of `targets[supervised]`.
     """
     if bool(supervised[:, 0].any()):
-        raise ValueError("Position 0 is masked, but no logit predicts it; the prompt must come first and stay unmasked.")
+        raise ValueError(
+            "Position 0 is masked, but no logit predicts it; the prompt must come first and stay unmasked."
+        )
     keep = torch.zeros_like(supervised)
     keep[:, :-1] = supervised[:, 1:]
     return keep
@@ -161,8 +163,9 @@ def diffusion_objective(
     """Noise a collated batch, run the (bidirectional) model on it and return (loss, outputs).
 
     `inputs` is what `DimpleSFTCollator` returns; `labels != -100` marks the answer (tokens and pads), the only
-    positions that get masked. The LM head runs on the rows that predict masked tokens only. Positions (M-RoPE) are computed by the model from the noisy ids, which give the
-    same ids as the clean sequence: only image tokens move positions and those are never masked.
+    positions that get masked. The LM head runs on the rows that predict masked tokens only. Positions (M-RoPE) are
+    computed by the model from the noisy ids, which give the same ids as the clean sequence: only image tokens move
+    positions and those are never masked.
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
@@ -191,7 +194,9 @@ def ar_objective(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Ten
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
-        raise ValueError("The autoregressive objective needs `labels` (answer ids, -100 elsewhere), as the collator gives.")
+        raise ValueError(
+            "The autoregressive objective needs `labels` (answer ids, -100 elsewhere), as the collator gives."
+        )
     labelled = labels != IGNORE_INDEX
     labelled[:, 0] = False  # nothing predicts the first token
     outputs = model(**inputs, logits_to_keep=predicting_positions(labelled))
