@@ -5,6 +5,7 @@ progress bar over denoising steps, statistics, and optionally a GIF/HTML picture
 `dimple install-code`: switch a downloaded Dimple checkpoint folder to this implementation's remote code.
 `dimple serve`: transformers' own OpenAI-compatible server for a Dimple checkpoint (see serving.py).
 `dimple demo`: a Gradio chat in the browser that shows the answer canvas denoise (see demo/).
+`dimple assemble` / `dimple train`: build a Dimple from its parents and train it in stages (see training/commands.py).
 User errors (`UserError`: bad arguments, unreadable files, unusable checkpoints) end with one line on stderr and exit
 code 2; anything else is a bug and keeps its traceback (exit code 1), which is what a bug report needs.
 """
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     install.add_argument("snapshot", help="local checkpoint folder, e.g. a download of rp-yu/Dimple-7B")
     install.add_argument("--out", help="make a new folder (weights symlinked) instead of changing SNAPSHOT")
+    from .training.commands import add_assemble_arguments, add_train_arguments
+
+    add_assemble_arguments(commands.add_parser("assemble", help="build a new Dimple from a Dream decoder and a Qwen2.5-VL tower"))
+    add_train_arguments(commands.add_parser("train", help="run a training stage (align, ar, diffusion) on LLaVA-format data"))
     # Listed for `dimple --help` only: main() hands everything after `serve` to transformers serve unparsed.
     commands.add_parser(
         "serve", add_help=False,
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = parse_args(argv)
-    command = {"generate": generate, "install-code": install, "demo": run_demo}[args.command]
+    command = getattr(args, "run", None) or {"generate": generate, "install-code": install, "demo": run_demo}[args.command]
     try:
         sys.stdout.write(command(args) + "\n")
     except UserError as error:

@@ -21,7 +21,9 @@ from dimple.training import (
     diffusion_mask,
     diffusion_objective,
     padded_answer_length,
+    sample_times,
 )
+from dimple.training.losses import ar_objective
 
 
 def manual_ce(logits: torch.Tensor, target: int) -> float:
@@ -161,6 +163,39 @@ def test_diffusion_objective_masks_only_answers(processor):
     # The two copies of each sample mask complementary halves of its answer.
     assert torch.equal(is_mask[:2] | is_mask[2:], answer[:2]) and not (is_mask[:2] & is_mask[2:]).any()
     assert torch.isfinite(loss)
+
+
+def test_objectives_score_only_the_predicting_rows_and_keep_the_full_logits_loss(processor):
+    """Issue 25 item 15: the LM head runs on the rows that predict supervised tokens, never on (batch, seq, vocab);
+    the loss equals the one computed from full logits."""
+    model = build_tiny_model(processor)
+    batch = DimpleSFTCollator(processor, seed=2)([chat("red square"), chat("blue", (20, 30, 200))])
+    head_shapes, noisy_ids = [], []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_shapes.append(tuple(output.shape)))
+    model.register_forward_pre_hook(lambda module, args, kwargs: noisy_ids.append(kwargs["input_ids"]), with_kwargs=True)
+    mask_id, vocab = model.config.mask_token_id, model.config.vocab_size
+    for seed, complementary, weighting in ((0, False, False), (1, True, True), (2, False, True)):
+        loss, _ = diffusion_objective(model, batch, mask_id, complementary=complementary, time_weighting=weighting,
+                                      generator=torch.Generator().manual_seed(seed))
+        noisy = noisy_ids[-1]
+        masked = noisy == mask_id
+        assert head_shapes[-1] == (int(masked.sum()), vocab)
+        copies = 2 if complementary else 1
+        t = sample_times(batch["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed)).repeat(copies)
+        rest = {key: value for key, value in batch.items() if key not in ("labels", "input_ids")}
+        if complementary:
+            rest = {key: torch.cat([value, value]) for key, value in rest.items()}
+        with torch.no_grad():
+            full = model(input_ids=noisy, **rest).logits
+        assert full.shape == (*noisy.shape, vocab)
+        clean = batch["input_ids"].repeat(copies, 1)
+        assert torch.allclose(loss, diffusion_loss(full, clean, masked, t, weighting), rtol=1e-6, atol=1e-7)
+
+    loss, _ = ar_objective(model, batch)
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert head_shapes[-1] == (int(labelled[:, 1:].sum()), vocab)
+    with torch.no_grad():
+        assert torch.allclose(loss, model(**batch).loss, rtol=1e-6, atol=1e-7)
 
 
 # --- attention modes ----------------------------------------------------------------------------------------
