@@ -3,7 +3,7 @@
 `dimple generate`: answer a prompt about images by diffusion decoding (default: the bundled tiny checkpoint), with a
 progress bar over denoising steps, statistics, and optionally a GIF/HTML picture of the denoising.
 `dimple install-code`: switch a downloaded Dimple checkpoint folder to this implementation's remote code.
-`dimple serve`: transformers' own OpenAI-compatible server for a Dimple checkpoint (see serving.py).
+`dimple serve`: an OpenAI-compatible server for a Dimple checkpoint (see serving/).
 User errors (`UserError`: bad arguments, unreadable files, unusable checkpoints) end with one line on stderr and exit
 code 2; anything else is a bug and keeps its traceback (exit code 1), which is what a bug report needs.
 """
@@ -55,11 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     install.add_argument("snapshot", help="local checkpoint folder, e.g. a download of rp-yu/Dimple-7B")
     install.add_argument("--out", help="make a new folder (weights symlinked) instead of changing SNAPSHOT")
-    # Listed for `dimple --help` only: main() hands everything after `serve` to transformers serve unparsed.
+    # Listed for `dimple --help` only: main() hands everything after `serve` to serving's own parser.
     commands.add_parser(
         "serve", add_help=False,
-        help="serve a Dimple checkpoint (default: the bundled one) with transformers serve's OpenAI-compatible API; "
-        "options are transformers serve's (dimple serve --help)",
+        help="serve a Dimple checkpoint (default: the bundled one) with an OpenAI-compatible API (dimple serve --help)",
     )
     return parser.parse_args(argv)
 
