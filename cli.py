@@ -3,7 +3,7 @@
 `dimple generate`: answer a prompt about images by diffusion decoding (default: the bundled tiny checkpoint), with a
 progress bar over denoising steps, statistics, and optionally a GIF/HTML picture of the denoising.
 `dimple install-code`: switch a downloaded Dimple checkpoint folder to this implementation's remote code.
-`dimple serve`: transformers' own OpenAI-compatible server for a Dimple checkpoint (see serving.py).
+`dimple serve`: an OpenAI-compatible server for a Dimple checkpoint (see serving/).
 `dimple demo`: a Gradio chat in the browser that shows the answer canvas denoise (see demo/).
 `dimple assemble` / `dimple train`: build a Dimple from its parents and train it in stages (see training/commands.py).
 User errors (`UserError`: bad arguments, unreadable files, unusable checkpoints) end with one line on stderr and exit
@@ -63,11 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     add_assemble_arguments(commands.add_parser("assemble", help="build a new Dimple from a Dream decoder and a Qwen2.5-VL tower"))
     add_train_arguments(commands.add_parser("train", help="run a training stage (align, ar, diffusion) on LLaVA-format data"))
-    # Listed for `dimple --help` only: main() hands everything after `serve` to transformers serve unparsed.
+    # Listed for `dimple --help` only: main() hands everything after `serve` to serving's own parser.
     commands.add_parser(
         "serve", add_help=False,
-        help="serve a Dimple checkpoint (default: the bundled one) with transformers serve's OpenAI-compatible API; "
-        "options are transformers serve's (dimple serve --help)",
+        help="serve a Dimple checkpoint (default: the bundled one) with an OpenAI-compatible API (dimple serve --help)",
     )
     add_demo_arguments(commands.add_parser("demo", help="chat with a checkpoint in the browser, watching it denoise"))
     return parser.parse_args(argv)
