@@ -83,6 +83,7 @@ def test_every_parent_tensor_is_copied_and_the_config_has_the_released_fields(dr
     processor = DimpleProcessor.from_pretrained(out)
     assert processor.chat_template == DEFAULT_CHAT_TEMPLATE and processor.tokenizer.padding_side == "left"
     assert processor.tokenizer.mask_token_id == config["mask_token_id"]
+    assert processor.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert processor.image_processor.size == {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
     assert not list(tmp_path.glob(".dimple.*"))  # no staging folder left behind
 
@@ -176,5 +177,7 @@ def test_dimple_assemble_command(dream, qwen_vl, tmp_path, capsys):
     assert main(["assemble", "--decoder", str(dream), "--vision", str(tmp_path / "nowhere"), "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "neither a folder nor a Hub id" in err and len(err.strip().splitlines()) == 1
+    assert main(["assemble", "--decoder", str(dream), "--vision", "./nowhere", "--out", "x"]) == 2
+    assert "neither a folder nor a Hub id" in capsys.readouterr().err
     assert main(["assemble", "--decoder", str(dream), "--vision", str(dream), "--out", str(tmp_path / "e")]) == 2
     assert "Qwen2.5-VL" in capsys.readouterr().err

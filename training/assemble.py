@@ -16,6 +16,7 @@ config, tensors with other names or shapes than the config implies.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,12 +34,13 @@ from ..generation_config_dimple import DimpleGenerationConfig
 from ..image_processing_dimple import DimpleImageProcessor
 from ..loading_dimple import PICKLE_WEIGHTS
 from ..modeling_dimple import DimpleModel
-from ..processing_dimple import DimpleProcessor
+from ..processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
 from ..remote_code import model_auto_map
 from ..tiny.bundled import sync_remote_code
 from ..tokenization_dimple import DimpleTokenizer
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DECODER_TYPES = ("dream", "qwen2")
 VISION_TYPE = "qwen2_5_vl"
 # Decoder fields taken from the decoder's config.json as they are (those it lacks keep DimpleConfig's defaults).
@@ -79,11 +81,14 @@ def parent_folder(name: str | os.PathLike, role: str) -> Path:
     tokenizer and preprocessor files only: no Python file is fetched)."""
     if Path(name).is_dir():
         return Path(name)
-    if Path(name).exists() or str(name).count("/") != 1:
+    if Path(name).exists() or not HUB_ID.fullmatch(str(name)):
         raise AssembleError(f"--{role} {name} is neither a folder nor a Hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name), allow_patterns=list(PARENT_FILES)))
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=list(PARENT_FILES)))
+    except (OSError, ValueError) as error:  # offline, unknown repo, gated repo: huggingface_hub's errors
+        raise AssembleError(f"cannot download the {role} parent {name} from the Hub: {error}") from error
 
 
 def read_config(folder: Path, role: str) -> dict[str, Any]:
@@ -400,6 +405,7 @@ def build_processor(decoder_folder: Path, vision_folder: Path) -> DimpleProcesso
     if not (vision_folder / "preprocessor_config.json").is_file():
         raise AssembleError(f"the vision parent {vision_folder} has no preprocessor_config.json (its image processor)")
     tokenizer = DimpleTokenizer.from_pretrained(decoder_folder, padding_side="left")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # Dream's own template would win for tokenizer-only chats
     image_processor = DimpleImageProcessor.from_pretrained(vision_folder)
     return DimpleProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

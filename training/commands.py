@@ -26,6 +26,7 @@ TRAINER_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "seed": (int, 42, "seed of the data order, masking and padding"),
     "dataloader_num_workers": (int, 0, "data loading processes"),
     "report_to": (str, "none", "experiment tracker (none, tensorboard, wandb, ...)"),
+    "deepspeed": (str, None, "DeepSpeed config JSON (the paper's runs used ZeRO stage 1)"),
 }
 TRAINER_FLAGS = {"bf16": "bfloat16 mixed precision"}
 
