@@ -41,6 +41,11 @@ def test_a_passed_generation_config_fills_its_gaps_from_the_models(model, prompt
     assert answer_len(model.generate(**prompt, generation_config=config_class(max_new_tokens=5)), prompt) == 5
     got = model.generate(**prompt, generation_config=config_class(max_new_tokens=5), max_new_tokens=4)
     assert answer_len(got, prompt) == 4
+    # A field given explicitly is set even at Dimple's default value (64), as a server's request builds it.
+    assert answer_len(model.generate(**prompt, generation_config=config_class(max_new_tokens=64)), prompt) == 64
+    assigned = config_class()
+    assigned.max_new_tokens = 64
+    assert answer_len(model.generate(**prompt, generation_config=assigned), prompt) == 64
 
 
 @pytest.mark.parametrize("config_class", [GenerationConfig, DimpleGenerationConfig])
@@ -135,7 +140,8 @@ def test_a_threshold_that_cannot_act_is_refused_by_name(model, padded_batch, no_
 def test_the_default_threshold_steps_aside_where_it_cannot_act(model, prompt):
     """The default 0.95 was never chosen: `dream` and `entropy` decode without it, with no error."""
     dream = model.generate(**prompt, max_new_tokens=6, decoding_pipeline="dream")
-    assert torch.equal(dream, model.generate(**prompt, max_new_tokens=6, decoding_pipeline="dream", alg_p_threshold=None))
+    unset = model.generate(**prompt, max_new_tokens=6, decoding_pipeline="dream", alg_p_threshold=None)
+    assert torch.equal(dream, unset)
     assert DimpleGenerationConfig(alg="entropy").alg_p_threshold is None
 
 

@@ -139,6 +139,10 @@ class DimpleGenerationConfig(GenerationConfig):
     """
 
     def __init__(self, **kwargs):
+        # The settings given, then every one assigned later (`__setattr__`): what a passed config sets (see
+        # `chosen_settings`), even where the value equals Dimple's default.
+        object.__setattr__(self, "_chosen", {key for key in kwargs if is_setting(key)})
+        object.__setattr__(self, "_tracking", False)
         # Like transformers' DiffusionGemma config, the autoregressive fields of the parent are not wanted here.
         # A total length given alone is the length rule, as in transformers (max_new_tokens wins when both are set).
         default_new_tokens = None if kwargs.get("max_length") is not None else DEFAULT_MAX_NEW_TOKENS
@@ -182,6 +186,19 @@ class DimpleGenerationConfig(GenerationConfig):
             setattr(self, key, value)
         self.settle_threshold(explicit=threshold_given)
         self.validate()
+        self._tracking = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if self.__dict__.get("_tracking") and is_setting(name):
+            self._chosen.add(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict` without the record of chosen settings (bookkeeping, not a setting)."""
+        output = super().to_dict()
+        for key in ("_chosen", "_tracking"):
+            output.pop(key, None)
+        return output
 
     @classmethod
     def from_model_config(cls, model_config) -> "DimpleGenerationConfig":
@@ -284,9 +301,11 @@ class DimpleGenerationConfig(GenerationConfig):
         return super().update(**kwargs)
 
     def chosen_settings(self) -> dict[str, Any]:
-        """The settings this config sets: those that differ from Dimple's defaults (a default value counts as
-        unset, as None does in a transformers `GenerationConfig`)."""
-        return set_fields(self, DimpleGenerationConfig().to_dict())
+        """The settings this config sets: those given to it (at construction or assigned later) and those that
+        differ from Dimple's defaults. The others are unset, as None is in a transformers `GenerationConfig`."""
+        chosen = self.__dict__.get("_chosen", set())
+        values = self.to_dict()
+        return {**set_fields(self, DimpleGenerationConfig().to_dict()), **{key: values[key] for key in chosen}}
 
     @classmethod
     def from_loaded(cls, loaded: GenerationConfig) -> "DimpleGenerationConfig":
@@ -347,7 +366,8 @@ class DimpleGenerationConfig(GenerationConfig):
         self._check_standard_settings()
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0):
+        top_k = self.top_k
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
             raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}.")
         if self.compile_config is not None and not isinstance(self.compile_config, CompileConfig):
             raise ValueError(
@@ -358,12 +378,17 @@ class DimpleGenerationConfig(GenerationConfig):
             raise ValueError(f"alg_temp must be >= 0 (None or 0 = take the most confident), got {self.alg_temp}.")
 
 
+def is_setting(name: str) -> bool:
+    """Whether an attribute of a generation config is a setting (not metadata or bookkeeping)."""
+    return not name.startswith("_") and name != "transformers_version"
+
+
 def set_fields(config: GenerationConfig, defaults: dict[str, Any]) -> dict[str, Any]:
     """The public fields of `config` whose values differ from `defaults`."""
     return {
         key: value
         for key, value in config.to_dict().items()
-        if not key.startswith("_") and key != "transformers_version" and (key not in defaults or value != defaults[key])
+        if is_setting(key) and (key not in defaults or value != defaults[key])
     }
 
 
