@@ -11,12 +11,13 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ class Served:
     decoder: Any
     limits: Limits
     created: int
+    # One request at a time in the processor: a fast tokenizer shared by threads can fail ("Already borrowed") when
+    # calls overlap. Pictures are fetched and decoded before, outside this lock.
+    processing: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def generation_defaults(self) -> DimpleGenerationConfig:
@@ -172,10 +176,11 @@ def prepared_job(body: dict, served: Served) -> tuple[ChatRequest, Job]:
     """Checks, pictures, chat template (client text escaped) and the prompt-length check, off the event loop."""
     chat = parse_chat_request(body, served.generation_defaults, served.limits)
     try:
-        inputs = served.processor.apply_chat_template(
-            chat.conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            escape_special_tokens=True,
-        )
+        with served.processing:
+            inputs = served.processor.apply_chat_template(
+                chat.conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                escape_special_tokens=True,
+            )
     except ValueError as error:  # the processor's checks of pictures and text
         raise RequestError(f"The messages could not be prepared: {error}", "messages") from error
     answer_len = chat.settings.get("max_new_tokens", served.generation_defaults.max_new_tokens)

@@ -43,7 +43,7 @@ def existing_folder(text: str) -> Path:
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     add = parser.add_argument
-    add("--max-tokens-cap", type=positive_int, default=defaults.max_tokens, dest="max_tokens",
+    add("--max-tokens-cap", type=positive_int, default=defaults.max_tokens, dest="max_tokens", metavar="N",
         help=f"largest max_tokens / max_new_tokens a request may ask for (default {defaults.max_tokens})")
     add("--max-images", type=positive_int, default=defaults.max_images,
         help=f"most pictures in one request (default {defaults.max_images})")

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from serving_clients import (
-    EXAMPLE, EXAMPLE_ANSWER, data_url, expected, image_chat, local_inputs, post, server_env, serving, user,
+    EXAMPLE, EXAMPLE_ANSWER, data_url, expected, free_port, image_chat, local_inputs, post, server_env, serving, user,
 )
 
 from dimple import DimpleModel, DimpleProcessor
@@ -305,6 +305,11 @@ def test_bad_picture_urls_are_refused_by_name(server, web, path, fragments):
 def test_hosts_outside_the_allowed_domains_are_not_contacted(server, web):
     refused(server, chat(image_chat(web.replace("localhost", "127.0.0.1") + "/example.png")), 400,
             "'127.0.0.1' is not allowed", "localhost")
+
+
+def test_an_unreachable_picture_host_is_a_client_error(server):
+    url = f"http://localhost:{free_port()}/example.png"  # nothing listens there
+    refused(server, chat(image_chat(url)), 400, "could not be fetched", url, param=FIRST_PART)
 
 
 # --- lengths and settings -------------------------------------------------------------------------------------------
@@ -601,3 +606,4 @@ def test_operator_mistakes_end_with_one_line_and_status_2(tmp_path, arguments, m
         env=server_env(tmp_path), cwd=tmp_path, check=False,
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
