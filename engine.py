@@ -169,7 +169,7 @@ def end_streamer(streamer: Any) -> None:
         logger.warning(f"A streamer raised while being ended: {error!r}")
 
 
-@dataclass
+@dataclass(eq=False)
 class ActiveRow:
     """A request being decoded: its handle and its decoding state (`DiffusionDecoding`)."""
 
@@ -204,6 +204,12 @@ class DiffusionEngine:
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                           or memory_budget < 1):
             raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}.")
+        if not callable(getattr(model, "start_decoding", None)):
+            raise TypeError(
+                f"DiffusionEngine needs a Dimple model with `start_decoding` (this package's code), got "
+                f"{type(model).__name__}; load it after `import dimple`, or switch its folder with "
+                "`dimple install-code`."
+            )
         self.model, self.max_batch_size, self.memory_budget = model, max_batch_size, memory_budget
         self.forward_passes = 0  # batched passes run so far (tests and benchmarks read it)
         self._rows: list[ActiveRow] = []

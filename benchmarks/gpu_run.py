@@ -54,7 +54,6 @@ from transformers import CompileConfig
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
 
-import bench_engine
 import bench_generate as bench
 from reference_fixtures import ReferenceSet, all_sets, forward_cases, generation_runs, run_kwargs
 
@@ -649,7 +648,9 @@ def run_engine(run: Run, record: dict) -> None:
     """Per client count (fewest first): the same requests one by one with generate(), then submitted at once to the
     batching engine (bench_engine.measure). Random weights: the schedule fixes ~3 tokens per step (no threshold);
     whether each engine answer equals its solo answer is reported, not required (bfloat16 kernels may round a
-    batch differently)."""
+    batch differently). Imported here, so that a fault in the engine stops only this section."""
+    import bench_engine
+
     plan = run.plan
     settings = dict(max_new_tokens=plan.engine_answer, steps=max(1, plan.engine_answer // 3), alg_p_threshold=None)
     requests = [run.prompt(1)]
@@ -671,7 +672,9 @@ def render_engine(record: dict) -> str:
              "by schedule; N clients send one request each at once. One by one: generate() per request in turn "
              f"(latency includes the wait); engine: max batch {record['max_batch_size']}, one forward pass per step "
              "over every active request. Speed-up = one-by-one wall time / engine wall time.", ""]
-    lines += bench_engine.render_rows([row for row in record["rows"] if "error" not in row])
+    from bench_engine import render_rows
+
+    lines += render_rows([row for row in record["rows"] if "error" not in row])
     lines += [f"- {row['clients']} clients: {row['error']}" for row in record["rows"] if "error" in row]
     return "\n".join(lines) + "\n"
 

@@ -271,6 +271,11 @@ def test_bad_engine_settings_are_refused(model, arguments, error, message):
         DiffusionEngine(model, **arguments)
 
 
+def test_a_model_without_the_decoding_seam_is_refused(model):
+    with pytest.raises(TypeError, match="start_decoding"):
+        DiffusionEngine(model.model)  # the decoder alone: no generate(), no seam
+
+
 def test_bad_submissions_are_refused_at_once(model, processor, requests):
     inputs = requests[0][0]
     with DiffusionEngine(model) as engine:
