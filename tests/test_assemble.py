@@ -138,6 +138,9 @@ def test_unfit_parents_are_refused_with_what_differs(dream, qwen_vl, tmp_path):
     edit_json(dream / "config.json", num_hidden_layers=3)
     with pytest.raises(AssembleError, match=r"no parent tensor for 12 weights \(model\.layers\.2\."):
         assemble(dream, qwen_vl, out)
+    edit_json(dream / "config.json", num_hidden_layers=1)
+    with pytest.raises(AssembleError, match=r"12 parent tensors fit no Dimple weight \(model\.layers\.1\."):
+        assemble(dream, qwen_vl, out)
     edit_json(dream / "config.json", num_hidden_layers=2, intermediate_size=96)
     shape_message = r"down_proj.weight in model.safetensors has shape \[64, 128\], but the parents' .* \[64, 96"
     with pytest.raises(AssembleError, match=shape_message):
