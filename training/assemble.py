@@ -32,7 +32,7 @@ from ..atomic_write import fsync_folder
 from ..configuration_dimple import DimpleConfig, DimpleVisionConfig
 from ..generation_config_dimple import DimpleGenerationConfig
 from ..image_processing_dimple import DimpleImageProcessor
-from ..loading_dimple import PICKLE_WEIGHTS
+from ..loading_dimple import PICKLE_WEIGHTS, summarise
 from ..modeling_dimple import DimpleModel
 from ..processing_dimple import DEFAULT_CHAT_TEMPLATE, DimpleProcessor
 from ..remote_code import model_auto_map
@@ -307,7 +307,7 @@ def tensor_plan(config: DimpleConfig, decoder_config: dict[str, Any], decoder: d
     """The copied tensors, checked name by name and shape by shape against what the config implies."""
     expected = {name: shape for name, shape in expected_shapes(config).items() if not name.startswith("img_projector.")}
     sources, strays = parent_tensors(decoder, vision, bool(decoder_config.get("tie_word_embeddings")))
-    strays += [f"vision:{name}" for name in sources if name.startswith("visual.") and name not in expected]
+    strays += [name for name in sources if name not in expected]  # e.g. more layers than the config has
     missing = sorted(set(expected) - set(sources))
     if missing or strays:
         problems = ([f"no parent tensor for {len(missing)} weights ({summarise(missing)})"] if missing else []) + (
@@ -333,11 +333,6 @@ def tensor_plan(config: DimpleConfig, decoder_config: dict[str, Any], decoder: d
                 count *= size
             plan.append(Planned(target, file, source, shape, count * DTYPE_BYTES[piece.get_dtype()]))
     return plan
-
-
-def summarise(names: list[str], shown: int = 4) -> str:
-    names = sorted(names)
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def projector_tensors(config: DimpleConfig, seed: int) -> list[Planned]:
