@@ -403,6 +403,8 @@ class DimpleGenerationMixin(GenerationMixin):
         # Passes that fill the cache run eagerly, so its buffers live outside any graph at fixed addresses.
         compiled = plan.compiled_forward is not None and (plan.cache is None or step > 0)
         position_ids = plan.position_ids[..., start:end]
+        if compiled:
+            mark_request_sizes_dynamic(embeds, position_ids, plan.attention_mask)
         logits = (plan.compiled_forward if compiled else self)(
             inputs_embeds=embeds,
             attention_mask=plan.attention_mask,
@@ -492,6 +494,16 @@ class DimpleGenerationMixin(GenerationMixin):
             num_forward_passes=record.forward_passes,
             tokens_per_forward=committed.float() / max(record.forward_passes, 1),
         )
+
+
+def mark_request_sizes_dynamic(
+    embeds: torch.Tensor, position_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+) -> None:
+    """Tell dynamo that batch size and lengths vary between requests, so one compiled step serves them all instead
+    of one graph per prompt length (and eager steps once the recompile limit is hit)."""
+    for tensor, dims in ((embeds, (0, 1)), (position_ids, (1, 2)), (attention_mask, (0, 1))):
+        for dim in dims if tensor is not None else ():
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def warn_about_nonfinite_logits(bad_steps: int, forward_passes: int) -> None:
