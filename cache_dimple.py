@@ -21,7 +21,15 @@ class DimpleWindowLayer(DynamicLayer):
 
     def __init__(self):
         super().__init__()
-        self.window_start = 0
+        self.window_start = 0  # for the host (positions, errors); compiled steps read `window_offset` instead
+        self.window_offset: torch.Tensor | None = None
+
+    def set_window(self, start: int) -> None:
+        """Where the next cached forward writes. The start is also kept as a 0-d tensor at a fixed address: a
+        compiled step that read the int would be specialised on it and recompiled for every block and prompt."""
+        self.window_start = start
+        if self.window_offset is not None:
+            self.window_offset.fill_(start)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Buffers as long as the first forward, which must feed the whole sequence, kept at fixed addresses.
@@ -32,24 +40,31 @@ class DimpleWindowLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = torch.zeros_like(key_states, memory_format=torch.contiguous_format)
         self.values = torch.zeros_like(value_states, memory_format=torch.contiguous_format)
+        self.window_offset = torch.tensor(self.window_start, device=self.device)
         if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+            for buffer in (self.keys, self.values, self.window_offset):
+                torch._dynamo.mark_static_address(buffer)
+            for buffer in (self.keys, self.values):  # batch and sequence length vary between requests
+                torch._dynamo.maybe_mark_dynamic(buffer, 0)
+                torch._dynamo.maybe_mark_dynamic(buffer, 2)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = key_states.shape[-2]
-        window_start = 0 if length == self.keys.shape[-2] else self.window_start
-        window_end = window_start + length
-        if window_end > self.keys.shape[-2]:
+        if length == self.keys.shape[-2]:
+            self.keys.copy_(key_states)
+            self.values.copy_(value_states)
+            return self.keys, self.values
+        if not torch.compiler.is_compiling() and self.window_start + length > self.keys.shape[-2]:
             raise ValueError(
-                f"A cached step feeds positions {window_start}..{window_end - 1} but the cache holds "
-                f"{self.keys.shape[-2]}; run a full forward first or move the window."
+                f"A cached step feeds positions {self.window_start}..{self.window_start + length - 1} but the cache "
+                f"holds {self.keys.shape[-2]}; run a full forward first or move the window."
             )
-        self.keys[..., window_start:window_end, :] = key_states
-        self.values[..., window_start:window_end, :] = value_states
+        positions = self.window_offset + torch.arange(length, device=self.device)
+        self.keys.index_copy_(-2, positions, key_states)
+        self.values.index_copy_(-2, positions, value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -73,7 +88,13 @@ class DimpleDiffusionCache(Cache):
     def set_window(self, start: int) -> None:
         """Where the tokens of the next cached forward sit in the sequence."""
         for layer in self.layers:
-            layer.window_start = start
+            layer.set_window(start)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int | torch.Tensor:
+        """Where the window's queries start, for transformers' mask builders: as a tensor once the buffers exist,
+        so a compiled step is not specialised on the window (transformers' StaticLayer does the same)."""
+        layer = self.layers[layer_idx]
+        return layer.window_offset if layer.window_offset is not None else layer.window_start
 
 
 def prefix_cache(num_layers: int, prefix_length: int) -> DimpleDiffusionCache:

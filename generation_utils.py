@@ -436,7 +436,7 @@ class DimpleGenerationMixin(GenerationMixin):
     ) -> tuple[torch.LongTensor, torch.Tensor | None, torch.Tensor]:
         """3. One forward pass over the step's window. Returns the window's ids, the hooks' logits (every position,
         shifted so that index i predicts token i; None without hooks) and the masked positions' logits (K, vocab)
-        in `coords` order.
+        in `coords` order, a tensor of their own (the commit phase changes them in place).
 
         Where logits are cut is decided here only: hooks see every position; a compiled forward keeps every row
         (one static shape) and the masked rows are gathered afterwards; otherwise the LM head runs on them only.
@@ -454,10 +454,13 @@ class DimpleGenerationMixin(GenerationMixin):
         keep = torch.stack([coords[:, 0], coords[:, 1] + (plan.prompt_len - 1 - start)], dim=1)
         # Passes that fill the cache run eagerly, so its buffers live outside any graph at fixed addresses.
         compiled = plan.compiled_forward is not None and (plan.cache is None or step > 0)
+        position_ids = plan.position_ids[..., start:end]
+        if compiled:
+            mark_request_sizes_dynamic(embeds, position_ids, plan.attention_mask)
         logits = (plan.compiled_forward if compiled else self)(
             inputs_embeds=embeds,
             attention_mask=plan.attention_mask,
-            position_ids=plan.position_ids[..., start:end],
+            position_ids=position_ids,
             cache=plan.cache,
             logits_to_keep=0 if plan.hooked or compiled else keep,
         ).logits
@@ -482,18 +485,19 @@ class DimpleGenerationMixin(GenerationMixin):
         """4. Propose a token for every masked position, then commit per row those the pipeline's rule picks;
         returns the new canvas. Token rules (repetition penalty, min_new_tokens) act on the logits first."""
         config, rows, columns = plan.config, coords[:, 0], coords[:, 1]
+        logits = logits.float()  # the step's own (K, vocab) rows (a copy only from bfloat16): changed in place below
         record.nonfinite_steps += has_nonfinite_logits(logits)
         if config.repetition_penalty not in (None, 1.0):
             present = plan.counted & (plan.sequences != config.mask_token_id)
             seen = token_presence(plan.sequences, present, self.config.vocab_size)
             logits = penalize_repetitions(logits, seen[rows], config.repetition_penalty)
         if config.min_new_tokens:
-            logits = forbid_tokens(logits, columns < config.min_new_tokens, plan.stop_ids)
-        tokens, original, filtered = propose_tokens(
-            logits.float(), config.temperature, config.top_p, config.top_k, plan.banned
-        )
+            forbid_tokens(logits, columns < config.min_new_tokens, plan.stop_ids)
         use_original = config.use_original_confidence and config.decoding_pipeline == "dim"
-        scores = token_confidence(config.alg, original if use_original else filtered, tokens)
+        tokens, probs = propose_tokens(
+            logits, config.temperature, config.top_p, config.top_k, plan.banned, original_confidence=use_original
+        )
+        scores = token_confidence(config.alg, probs, tokens)
         confidence = torch.full(masked.shape, float("-inf"), device=masked.device).index_put((rows, columns), scores)
         if config.output_scores:
             record.scores.append(confidence)
@@ -668,6 +672,16 @@ class DiffusionDecoding:
     def finish(self) -> torch.LongTensor | DimpleGenerationOutput:
         """Phase 5 of `generate()`: warnings, stop strings, the streamer's final text, the output."""
         return self.model._finish(self.plan, self.record, self.tokenizer, self.streamer)
+
+
+def mark_request_sizes_dynamic(
+    embeds: torch.Tensor, position_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+) -> None:
+    """Tell dynamo that batch size and lengths vary between requests, so one compiled step serves them all instead
+    of one graph per prompt length (and eager steps once the recompile limit is hit)."""
+    for tensor, dims in ((embeds, (0, 1)), (position_ids, (1, 2)), (attention_mask, (0, 1))):
+        for dim in dims if tensor is not None else ():
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def warn_about_nonfinite_logits(bad_steps: int, forward_passes: int) -> None:

@@ -13,7 +13,6 @@ is the reference's.
 from typing import Any
 
 import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 
 def propose_tokens(
@@ -22,29 +21,52 @@ def propose_tokens(
     top_p: float | None,
     top_k: int | None,
     banned: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate token per masked position, plus the unfiltered and filtered distributions (K, V).
+    original_confidence: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate token per masked position, and the distribution (K, V) its confidence is read from.
 
-    Tokens are argmax (temperature 0) or sampled from the temperature/top-p/top-k filtered distribution;
-    `banned` ids (mask, vision tokens) are never proposed, without altering either distribution.
+    `logits` (float, owned by the caller) is consumed: every step would otherwise copy (K, vocab) floats several
+    times. The `banned` ids (mask, vision, suppressed and bad words) leave it first, as transformers suppresses
+    before it warps, so a ban takes no top-k slot and no nucleus mass. Then temperature, top-p and top-k shape it,
+    and the token is its argmax (temperature 0) or a sample. The confidence distribution is that filtered one, or
+    with `original_confidence` the softmax before temperature and filters (computed only when they differ).
     """
-    original = logits.softmax(dim=-1)
-    if temperature == 0 and top_p in (None, 1) and top_k is None:
-        # Greedy without filters (the default): the filtered distribution is the original one.
-        return original.masked_fill(banned, 0.0).max(dim=-1).indices, original, original
-    scores = logits / temperature if temperature > 0 else logits
-    if top_p is not None and top_p < 1:
-        scores = TopPLogitsWarper(top_p, filter_value=torch.finfo(scores.dtype).min)(None, scores)
-    if top_k is not None:
-        scores = TopKLogitsWarper(top_k, filter_value=torch.finfo(scores.dtype).min)(None, scores)
-    filtered = scores.softmax(dim=-1)
-    weights = filtered.masked_fill(banned, 0.0)
-    weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, original.masked_fill(banned, 0.0))
+    logits.masked_fill_(banned, float("-inf"))
+    reshaped = temperature > 0 or (top_p is not None and top_p < 1) or bool(top_k)
+    original = logits.softmax(dim=-1) if original_confidence and reshaped else None
     if temperature > 0:
-        tokens = torch.multinomial(weights, num_samples=1).squeeze(-1)
+        logits.div_(temperature)
+    if top_p is not None and top_p < 1:
+        keep_nucleus_(logits, top_p)
+    if top_k:
+        keep_top_k_(logits, top_k)
+    filtered = softmax_(logits)
+    if temperature > 0:
+        tokens = torch.multinomial(filtered, num_samples=1).squeeze(-1)
     else:
-        tokens = weights.max(dim=-1).indices
-    return tokens, original, filtered
+        tokens = filtered.argmax(dim=-1)
+    return tokens, filtered if original is None else original
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place (the logits are not needed afterwards)."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
+
+
+def keep_top_k_(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """transformers' top-k rule in place: -inf below the k-th largest logit of the row (ties at it are kept)."""
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def keep_nucleus_(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' top-p rule in place: -inf for the least likely tokens whose cumulative probability stays
+    within 1 - top_p (the most likely token always stays)."""
+    ascending, order = logits.sort(dim=-1)
+    outside = softmax_(ascending).cumsum_(dim=-1) <= 1 - top_p
+    outside[:, -1] = False
+    return logits.masked_fill_(outside.scatter(1, order, outside), float("-inf"))
 
 
 def token_confidence(alg: str, probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -53,7 +75,7 @@ def token_confidence(alg: str, probs: torch.Tensor, tokens: torch.Tensor) -> tor
         top2 = probs.topk(2, dim=-1).values
         return top2[:, 0] - top2[:, 1]
     if alg == "entropy":
-        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+        return (probs + 1e-10).log_().mul_(probs).sum(dim=-1)
     return probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -208,10 +230,9 @@ def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: floa
 
 
 def forbid_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Set `token_ids` to -inf in the selected rows (min_new_tokens: no stop token before position N)."""
+    """Set `token_ids` to -inf in the selected rows, in place (min_new_tokens: no stop token before position N)."""
     if token_ids.numel() == 0:
         return logits
-    logits = logits.clone()
     logits[:, token_ids] = logits[:, token_ids].masked_fill(rows[:, None], float("-inf"))
     return logits
 

@@ -41,3 +41,25 @@ def test_inductor_compiled_steps_give_the_same_tokens(model, inputs):
 def test_compile_config_must_be_a_compile_config(model, inputs):
     with pytest.raises(ValueError, match="CompileConfig"):
         model.generate(**inputs, max_new_tokens=4, compile_forward=True, compile_config="max-autotune")
+
+
+def test_one_compiled_step_serves_every_block_and_prompt_length(model, processor):
+    """Issue 25 item 14: the window's start and the request's lengths are not baked into the graph. Twelve blocks
+    used to compile one graph each (the window start was a guarded int) until dynamo's recompile limit (8) sent the
+    rest eagerly, and every new prompt length compiled again. `dynamic=False` (transformers' CompileConfig default
+    before 5.24) turns off dynamo's automatic dynamic shapes, so only what the step marks as varying varies."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = CompileConfig(backend=counting_backend, mode=None, dynamic=False)
+    settings = dict(max_new_tokens=24, block_length=2, use_cache=True, alg_p_threshold=0.3)
+    torch._dynamo.reset()
+    for text in ("Hi.", "Hello there, my friend.", "What is the answer to this question, please?"):
+        inputs = encode(processor, [text])
+        eager = model.generate(**inputs, **settings)
+        compiled = model.generate(**inputs, compile_forward=True, compile_config=config, **settings)
+        assert torch.equal(compiled, eager)
+    assert len(graphs) == 1
