@@ -567,15 +567,15 @@ def check_decoding_choice(config: DimpleGenerationConfig) -> None:
 
 
 def check_streamed_request(request: _GenerateRequest) -> None:
-    """A streamer follows one answer (as in transformers); refuse more before the first step, not after the last,
-    so that a `TextIteratorStreamer` consumer is never left waiting."""
-    prompt = request.input_ids if request.input_ids is not None else request.inputs["inputs_embeds"]
-    rows = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.ndim > 1 else 1
-    if request.config.num_return_sequences > 1 or rows > 1:
+    """`num_return_sequences` > 1 multiplies the answers after the prompt was streamed as one row, so a single-answer
+    streamer would fail only after the last step (and a `TextIteratorStreamer` consumer wait): refuse before the
+    first. A batch of prompts is the streamer's own business, as in transformers (`TextStreamer` refuses it at once,
+    a batch-aware streamer such as a step clock takes it)."""
+    copies = request.config.num_return_sequences
+    if copies > 1:
         raise ValueError(
-            f"A streamer follows a single answer, but this call makes {rows * request.config.num_return_sequences} "
-            f"(batch size {rows}, num_return_sequences={request.config.num_return_sequences}); drop the streamer or "
-            "ask for one answer."
+            f"A streamer follows a single answer, but this call makes {copies} per prompt "
+            f"(num_return_sequences={copies}); drop the streamer or set num_return_sequences=1."
         )
 
 

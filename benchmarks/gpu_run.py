@@ -628,7 +628,7 @@ def render_tps(record: dict) -> str:
         return ""
     lines = [f"{record['answer']}-token answers, tokens/s = batch x answer / total time (first step and prompt "
              "included for both). Tokens per step are set by the schedule (steps = answer // k, no threshold); "
-             "the pace it gives (dual cache rounds steps up per block) is answer / forwards.", ""]
+             "the pace it gives is answer / forwards.", ""]
     columns = ("batch", "tokens/step", "answer / forwards", "mode", "compile", "forwards", "median step ms", "total ms",
                "answer tok/s", "vs AR peer")
     lines += table(columns, record["rows"],

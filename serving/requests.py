@@ -192,8 +192,6 @@ def check_settings(settings: dict[str, Any], defaults: DimpleGenerationConfig, l
     except (ValueError, TypeError) as error:
         raise RequestError(f"Invalid generation setting: {error}", "generation_config") from error
     checked_length("max_new_tokens", config.max_new_tokens, limits)
-    if config.stop_strings == "":
-        raise RequestError("stop_strings must not be empty (it would end every answer at once).", "generation_config")
     if config.steps is not None and config.steps > limits.max_tokens:
         raise RequestError(
             f"steps={config.steps} is above this server's cap of {limits.max_tokens} forward passes.",

@@ -183,6 +183,6 @@ def test_templates_of_any_integer_width_and_a_single_row_serve_a_batch(model, pr
 
 def test_a_streamer_with_several_answers_is_refused_before_the_first_step(model, prompt, processor, no_forward):
     streamer = TextIteratorStreamer(processor.tokenizer, timeout=1)
-    with pytest.raises(ValueError, match="A streamer follows a single answer, but this call makes 2"):
+    with pytest.raises(ValueError, match="A streamer follows a single answer, but this call makes 2 per prompt"):
         model.generate(**prompt, max_new_tokens=4, num_return_sequences=2, do_sample=True, streamer=streamer)
     assert streamer.text_queue.empty()

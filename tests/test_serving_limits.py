@@ -382,7 +382,7 @@ def test_a_nan_setting_is_refused(server):
         ({"max_length": 40}, "the answer length is max_tokens"),
         ({"num_return_sequences": 2}, "num_return_sequences must be 1"),
         ({"steps": TOKENS_CAP + 1}, f"cap of {TOKENS_CAP} forward passes"),
-        ({"stop_strings": ""}, "stop_strings must not be empty"),
+        ({"stop_strings": ""}, "list of non-empty strings"),
     ],
 )
 def test_settings_a_request_may_not_give(server, settings, fragment):
