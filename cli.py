@@ -61,8 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     install.add_argument("--out", help="make a new folder (weights symlinked) instead of changing SNAPSHOT")
     from .training.commands import add_assemble_arguments, add_train_arguments
 
-    add_assemble_arguments(commands.add_parser("assemble", help="build a new Dimple from a Dream decoder and a Qwen2.5-VL tower"))
-    add_train_arguments(commands.add_parser("train", help="run a training stage (align, ar, diffusion) on LLaVA-format data"))
+    add_assemble_arguments(
+        commands.add_parser("assemble", help="build a new Dimple from a Dream decoder and a Qwen2.5-VL tower")
+    )
+    add_train_arguments(
+        commands.add_parser("train", help="run a training stage (align, ar, diffusion) on LLaVA-format data")
+    )
     # Listed for `dimple --help` only: main() hands everything after `serve` to serving's own parser.
     commands.add_parser(
         "serve", add_help=False,
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = parse_args(argv)
-    command = getattr(args, "run", None) or {"generate": generate, "install-code": install, "demo": run_demo}[args.command]
+    commands = {"generate": generate, "install-code": install, "demo": run_demo}
+    command = getattr(args, "run", None) or commands[args.command]
     try:
         sys.stdout.write(command(args) + "\n")
     except UserError as error:
