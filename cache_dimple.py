@@ -67,9 +67,13 @@ class DimpleWindowLayer(DynamicLayer):
         self.values.index_copy_(-2, positions, value_states)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        """Positions before the window: where the tokens of a cached forward start."""
-        return self.window_start if self.is_initialized else 0
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Positions before the window: where the tokens of a cached forward start. Inside a compiled step it is the
+        0-d tensor (as transformers' StaticLayer returns one): transformers 5.12's mask builders read it there, and
+        an int would specialise the graph on every block and prompt length."""
+        if not self.is_initialized:
+            return 0
+        return self.window_offset if torch.compiler.is_compiling() else self.window_start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Attention always spans the whole sequence, whatever part of it the forward feeds."""
