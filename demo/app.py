@@ -8,6 +8,7 @@ the canvas; failures of our own are logged with their traceback and shown as one
 """
 
 import html
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -171,5 +172,6 @@ def launch(app: gr.Blocks, host: str, port: int, concurrency: int = 1) -> None:
         server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False, css=PAGE_STYLE,
         theme=theme, footer_links=[],
     )
-    print(f"Dimple demo running on http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    sys.stdout.write(f"Dimple demo running on http://{host}:{port} (Ctrl+C stops it)\n")
+    sys.stdout.flush()
     app.block_thread()

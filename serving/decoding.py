@@ -88,14 +88,28 @@ def client_error(error: BaseException) -> BaseException:
     return error
 
 
-class SequentialDecoder:
+class JobRegistry:
+    """The jobs a decoder holds, so that shutdown can cancel every one of them (each stops at its next step)."""
+
+    def __init__(self):
+        self.jobs: set[Job] = set()
+        self.lock = threading.Lock()
+
+    def cancel_all(self) -> None:
+        """Cancel every job: a running one stops at its next step, a waiting one never starts."""
+        with self.lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+
+
+class SequentialDecoder(JobRegistry):
     """`generate()` for one job at a time, in arrival order, on one worker thread."""
 
     def __init__(self, model: Any, tokenizer: Any):
+        super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dimple-decode")
-        self.jobs: set[Job] = set()
-        self.lock = threading.Lock()
 
     def submit(self, job: Job) -> Future:
         with self.lock:
@@ -123,19 +137,12 @@ class SequentialDecoder:
             with self.lock:
                 self.jobs.discard(job)
 
-    def cancel_all(self) -> None:
-        """Cancel every job: a running one stops at its next step, a waiting one never starts."""
-        with self.lock:
-            jobs = list(self.jobs)
-        for job in jobs:
-            job.cancel()
-
     def shutdown(self) -> None:
         self.cancel_all()
         self.worker.shutdown(wait=True, cancel_futures=True)
 
 
-class EngineDecoder:
+class EngineDecoder(JobRegistry):
     """Every job through one `DiffusionEngine`: concurrent requests decode together, one forward pass per step, each
     with its own settings and seed, each answer the one it gets alone. A cancelled job leaves the batch at the next
     step."""
@@ -143,9 +150,8 @@ class EngineDecoder:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int):
         from ..engine import DiffusionEngine
 
+        super().__init__()
         self.engine, self.tokenizer = DiffusionEngine(model, max_batch_size=max_batch_size), tokenizer
-        self.jobs: set[Job] = set()
-        self.lock = threading.Lock()
 
     def submit(self, job: Job) -> Future:
         answer: Future = Future()
@@ -175,13 +181,6 @@ class EngineDecoder:
             answer.set_exception(client_error(done.exception()))
         else:
             answer.set_result(done.result())
-
-    def cancel_all(self) -> None:
-        """Cancel every job; the engine drops them at its next step."""
-        with self.lock:
-            jobs = list(self.jobs)
-        for job in jobs:
-            job.cancel()
 
     def shutdown(self) -> None:
         self.cancel_all()
