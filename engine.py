@@ -1,18 +1,21 @@
-"""Many requests decoded together: one forward pass per step over every active request (a local tool, not remote code).
+"""Many requests decoded together, their steps sharing forward passes (a local tool, not remote code).
 
 A server decoding requests one after another has the throughput of one request. Diffusion decoding batches well: a
 step is one forward pass over every answer slot, and on a GPU a 7B step at batch 1 is bound by streaming the weights,
 so eight requests cost little more than one. `DiffusionEngine` keeps a queue of requests and a scheduler thread that,
-at every step, runs ONE forward pass over all active requests. New requests join at step boundaries (their first pass
-reads their whole sequence and fills their part of the cache), finished ones leave at once. Each request keeps its
+at every step, runs the forward passes of all active requests together (one, or two when some rows read their whole
+sequence). New requests join at step boundaries (their first pass reads their whole sequence and fills their part of
+the cache), finished ones leave at once. Each request keeps its
 own settings (answer length, steps, threshold, algorithm, temperature/top-p, seed) because every rule after the
 forward pass runs per request, through the model's public seam `start_decoding` (`DiffusionDecoding`): a greedy answer
 is the one `generate()` gives the same request alone.
 
-Layout of a step: the active requests are rows, right-aligned to the longest (left padding, masked out of attention);
-the forward feeds the columns from the earliest window start to the end, and each row writes keys/values only inside
-its own window (`BatchWindowCache`), so columns outside it keep what that request's own earlier passes computed, as
-its prefix cache would alone.
+Layout of a step: the active requests are rows, right-aligned to the longest (left padding, masked out of attention).
+Rows that recompute their whole sequence this step (a request's first pass, a block's first step) and rows that
+recompute one block's window go through separate forward passes, each feeding the columns from its rows' earliest
+window start to the end; each row writes keys/values only inside its own window (`BatchWindowCache`), so columns
+outside it keep what that request's own earlier passes computed, as its prefix cache would alone. (One pass for all
+would feed every row the widest span: each arriving request would make the whole batch recompute its prompts.)
 """
 
 import threading
@@ -38,21 +41,22 @@ OUTPUT_SETTINGS = ("return_dict_in_generate", "output_history", "output_scores")
 class BatchWindowLayer(DimpleWindowLayer):
     """One decoder layer's keys/values for every active row, right-aligned to `length` columns.
 
-    A forward feeds columns [window_start, window_start + n) of every row; `write` (rows, n) says which of them a row
-    recomputes this step. The others keep their cached states, and attention reads the buffers after the write, so
-    each row sees exactly what its own prefix cache would hold.
+    A forward feeds columns [window_start, window_start + n) of the rows `rows` (a slice, or an index tensor when
+    they are not contiguous); `write` (those rows, n) says which of the columns a row recomputes this step. The
+    others keep their cached states, and attention reads the buffers after the write, so each row sees exactly what
+    its own prefix cache would hold.
     """
 
     def __init__(self):
         super().__init__()
-        self.length = 0
+        self.length = self.batch = 0
         self.write: torch.Tensor | None = None
+        self.rows: slice | torch.LongTensor = slice(None)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros(batch, heads, self.length, dim)
-        self.values = value_states.new_zeros(batch, value_states.shape[1], self.length, value_states.shape[-1])
+        self.keys = key_states.new_zeros(self.batch, key_states.shape[1], self.length, key_states.shape[-1])
+        self.values = value_states.new_zeros(self.batch, value_states.shape[1], self.length, value_states.shape[-1])
         self.is_initialized = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -63,13 +67,19 @@ class BatchWindowLayer(DimpleWindowLayer):
             self.lazy_initialization(key_states, value_states)
         window = slice(self.window_start, self.window_start + key_states.shape[-2])
         write = self.write[:, None, :, None]
-        self.keys[..., window, :] = torch.where(write, key_states, self.keys[..., window, :])
-        self.values[..., window, :] = torch.where(write, value_states, self.values[..., window, :])
-        return self.keys, self.values
+        if isinstance(self.rows, slice):  # a view: the write lands in the buffers
+            keys, values = self.keys[self.rows], self.values[self.rows]
+            keys[..., window, :] = torch.where(write, key_states, keys[..., window, :])
+            values[..., window, :] = torch.where(write, value_states, values[..., window, :])
+            return keys, values
+        rows = self.rows.to(self.keys.device)
+        self.keys[rows, :, window] = torch.where(write, key_states, self.keys[rows, :, window])
+        self.values[rows, :, window] = torch.where(write, value_states, self.values[rows, :, window])
+        return self.keys[rows], self.values[rows]
 
     def rearrange(self, kept: torch.LongTensor, added: int, length: int) -> None:
         """Keep rows `kept` (in that order), append `added` empty rows, re-align every row to `length` columns."""
-        old_length, self.length = self.length, length
+        old_length, self.length, self.batch = self.length, length, len(kept) + added
         if not self.is_initialized:
             return
         for name in ("keys", "values"):
@@ -86,9 +96,10 @@ class BatchWindowCache(Cache):
     def __init__(self, num_layers: int):
         super().__init__(layers=[BatchWindowLayer() for _ in range(num_layers)])
 
-    def set_step(self, window_start: int, write: torch.Tensor) -> None:
+    def set_step(self, rows: slice | torch.LongTensor, window_start: int, write: torch.Tensor) -> None:
+        """The next forward feeds rows `rows`, columns from `window_start`; `write` marks what each row recomputes."""
         for layer in self.layers:
-            layer.window_start, layer.write = window_start, write
+            layer.rows, layer.window_start, layer.write = rows, window_start, write
 
     def rearrange(self, kept: list[int], added: int, length: int) -> None:
         kept_rows = torch.tensor(kept, dtype=torch.long)
@@ -187,7 +198,7 @@ class ActiveRow:
 
 class DiffusionEngine:
     """Continuous batching for diffusion decoding: `submit` requests from any thread, a scheduler thread decodes
-    them together, one forward pass per step over every active request.
+    them together, every step's forward passes shared by all active requests.
 
     Args:
         model: a loaded Dimple (`DimpleModel` or its remote-code twin), in eval mode.
@@ -211,7 +222,7 @@ class DiffusionEngine:
                 "`dimple install-code`."
             )
         self.model, self.max_batch_size, self.memory_budget = model, max_batch_size, memory_budget
-        self.forward_passes = 0  # batched passes run so far (tests and benchmarks read it)
+        self.forward_passes = 0  # forward passes run so far, each over one or more rows (tests and benchmarks read it)
         self._rows: list[ActiveRow] = []
         self._held: deque[ActiveRow] = deque()  # prepared, next in line (waiting for room or memory)
         self._waiting: deque[EngineRequest] = deque()
@@ -384,35 +395,56 @@ class DiffusionEngine:
         return self.memory_budget is None or self._cache_bytes(rows) <= self.memory_budget
 
     def _step(self) -> None:
-        """One forward pass over every active row, then each row commits its tokens by its own settings."""
-        rows, length = self._rows, self._cache.layers[0].length
-        offsets = [length - row.decoding.length for row in rows]
-        windows = [(offset + start, offset + end) for offset, (start, end) in
-                   zip(offsets, (row.decoding.window() for row in rows))]
-        first, last = min(start for start, _ in windows), max(end for _, end in windows)
-        columns = torch.arange(first, last, device=self.model.device)
+        """One step for every active row: the forward passes, then each row commits its tokens by its own settings.
+
+        Rows recomputing their whole sequence (a request's first pass, a block's first step) and rows recomputing
+        one block's window go through separate passes: fed together, every row would be fed the widest span, so one
+        joining request would make the whole batch recompute its prompts.
+        """
+        length = self._cache.layers[0].length
+        spans = [batch_span(row.decoding, length) for row in self._rows]
+        whole = [index for index, (offset, start, _) in enumerate(spans) if start == offset]
+        windowed = [index for index, (offset, start, _) in enumerate(spans) if start != offset]
+        logits: list[torch.Tensor | None] = [None] * len(self._rows)
+        for group in (whole, windowed):
+            if group:
+                for index, row_logits in zip(group, self._forward(group, [spans[index] for index in group])):
+                    logits[index] = row_logits
+        self._commit(logits)
+
+    def _forward(self, group: list[int], spans: list[tuple[int, int, int]]) -> tuple[torch.Tensor, ...]:
+        """One forward pass over the rows `group` (their (offset, start, end) spans in batch columns) feeding the
+        columns from the earliest start to the latest end; each row writes keys/values only inside its own span.
+        Returns each row's logits at its `logit_columns()`."""
+        length, device = self._cache.layers[0].length, self.model.device
+        first, last = min(start for _, start, _ in spans), max(end for _, _, end in spans)
+        columns = torch.arange(first, last, device=device)
         embeds, positions, writes, keep = [], [], [], []
-        for index, (row, offset, (start, end)) in enumerate(zip(rows, offsets, windows)):
-            row_embeds, row_positions = row.decoding.inputs(max(first - offset, 0), last - offset)
+        for position, (index, (offset, start, end)) in enumerate(zip(group, spans)):
+            decoding = self._rows[index].decoding
+            row_embeds, row_positions = decoding.inputs(max(first - offset, 0), last - offset)
             padding = max(offset - first, 0)
             embeds.append(torch.nn.functional.pad(row_embeds, (0, 0, padding, 0)))
             positions.append(torch.nn.functional.pad(row_positions, (padding, 0), value=1))
             writes.append((columns >= start) & (columns < end))
-            logit_columns = row.decoding.logit_columns() + (offset - first)
-            keep.append(torch.stack([torch.full_like(logit_columns, index), logit_columns], dim=1))
+            logit_columns = decoding.logit_columns() + (offset - first)
+            keep.append(torch.stack([torch.full_like(logit_columns, position), logit_columns], dim=1))
+        offsets = [offset for offset, _, _ in spans]
         attention_mask = None  # without padding, as generate() passes it alone (SDPA may pick its fast kernels)
         if any(offsets):
-            starts = torch.tensor(offsets, device=columns.device)[:, None]
-            attention_mask = (torch.arange(length, device=columns.device)[None] >= starts).long()
-        self._cache.set_step(first, torch.stack(writes))
+            starts = torch.tensor(offsets, device=device)[:, None]
+            attention_mask = (torch.arange(length, device=device)[None] >= starts).long()
+        contiguous = group == list(range(group[0], group[-1] + 1))
+        rows = slice(group[0], group[-1] + 1) if contiguous else torch.tensor(group, device=device)
+        self._cache.set_step(rows, first, torch.stack(writes))
         logits = self.model(
             inputs_embeds=torch.cat(embeds), attention_mask=attention_mask, position_ids=torch.cat(positions, dim=1),
             cache=self._cache, logits_to_keep=torch.cat(keep),
         ).logits
         self.forward_passes += 1
-        self._commit(logits.split([len(pairs) for pairs in keep]))
+        return logits.split([len(pairs) for pairs in keep])
 
-    def _commit(self, logits: tuple[torch.Tensor, ...]) -> None:
+    def _commit(self, logits: list[torch.Tensor]) -> None:
         """Each row commits from its own logits with its own random stream; finished and failed rows leave."""
         leaving = []
         for row, row_logits in zip(self._rows, logits):
@@ -446,6 +478,13 @@ class DiffusionEngine:
         kept = [index for index, row in enumerate(self._rows) if row not in leaving]
         self._rows = [self._rows[index] for index in kept]
         self._cache.rearrange(kept, 0, max((row.decoding.length for row in self._rows), default=0))
+
+
+def batch_span(decoding: Any, length: int) -> tuple[int, int, int]:
+    """A row's left padding in a batch right-aligned to `length` columns, and its step's window in batch columns."""
+    offset = length - decoding.length
+    start, end = decoding.window()
+    return offset, offset + start, offset + end
 
 
 def encode_images_together(model: Any, requests: list[EngineRequest]) -> None:

@@ -116,12 +116,14 @@ def measure(model: Any, requests: list[dict], clients: list[int], settings: dict
     rows = []
     for count in clients:
         burst = [requests[index % len(requests)] for index in range(count)]
-        sequential = [one_by_one(model, burst, settings) for _ in range(repeats)]
-        solo = sequential[0]["answers"]
-        base = summarize(count, "one by one (generate)", sequential, answer_slots, solo, None)
+        sequential, batched = [], []
         with DiffusionEngine(model, max_batch_size=min(count, max_batch_size)) as engine:
             together(engine, burst[:1], settings)
-            batched = [together(engine, burst, settings) for _ in range(repeats)]
+            for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both modes alike
+                sequential.append(one_by_one(model, burst, settings))
+                batched.append(together(engine, burst, settings))
+        solo = sequential[0]["answers"]
+        base = summarize(count, "one by one (generate)", sequential, answer_slots, solo, None)
         rows += [base, summarize(count, f"engine, max batch {min(count, max_batch_size)}", batched, answer_slots,
                                  solo, base["wall"])]
         if padded is not None and count > 1:
@@ -129,6 +131,26 @@ def measure(model: Any, requests: list[dict], clients: list[int], settings: dict
             rows.append(summarize(count, "one padded batch (generate), reference", static, answer_slots, solo,
                                   base["wall"]))
     return rows
+
+
+def forward_costs(model: Any, requests: list[dict], counts: list[int], answer_slots: int, repeats: int) -> list[str]:
+    """The floor under batching: one forward pass over `count` rows of a request's full sequence (prompt + answer
+    slots, as its first pass feeds it), per row. Where the time per row does not fall as rows are added, the
+    passes are bound by arithmetic, and batching can only save the work around them (Python, small kernels)."""
+    length = requests[0]["input_ids"].shape[1] + answer_slots
+    lines = [f"| rows | forward ms (median of {max(repeats, 5)}) | ms per row |", "|---|---|---|"]
+    for count in sorted(set(counts)):
+        embeds = torch.randn(count, length, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        times = []
+        with torch.no_grad():
+            model(inputs_embeds=embeds, logits_to_keep=answer_slots)
+            for _ in range(max(repeats, 5)):
+                start = time.perf_counter()
+                model(inputs_embeds=embeds, logits_to_keep=answer_slots)
+                times.append(time.perf_counter() - start)
+        median = statistics.median(times) * 1e3
+        lines.append(f"| {count} | {median:.1f} | {median / count:.2f} |")
+    return lines
 
 
 def render_rows(rows: list[dict]) -> list[str]:
@@ -146,13 +168,23 @@ def machine() -> str:
             f"{torch.__version__}, transformers {transformers.__version__}")
 
 
+def schedule(steps: int | None) -> str:
+    if steps is None:
+        return "confident decoding (threshold 0.95)"
+    return f"a fixed schedule of {steps} forward passes per answer (threshold off)"
+
+
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12, help="answer slots (the bundled default: 12)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a fixed schedule of this many forward passes per answer (threshold off); default: "
+                             "confident decoding, which answers most of these requests in one or two passes")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, in-process and in both servers (1: steady on a shared machine)")
     parser.add_argument("--server", action="store_true", help="also through `dimple serve` on 127.0.0.1")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     return parser.parse_args(argv)
@@ -166,22 +198,29 @@ def main(argv: list[str] | None = None) -> None:
     processor = DimpleProcessor.from_pretrained(BUNDLED_CHECKPOINT)
     requests = client_requests(processor, max(args.clients))
     settings = dict(max_new_tokens=args.max_new_tokens)
+    if args.steps is not None:
+        settings.update(steps=args.steps, alg_p_threshold=None)
     rows = measure(model, requests, args.clients, settings, args.max_batch_size, args.repeats,
                    padded=lambda count: padded_requests(processor, count))
     sections = [f"In-process: N clients each send one of N held-out shapes-task chats (picture + question) at once. "
                 "Reference row: the same N as one static padded generate() call (no request can join or leave "
                 "it; latency = its wall time).", ""]
     sections += render_rows(rows)
+    prompt_len = requests[0]["input_ids"].shape[1]
+    sections += ["", f"The floor under batching: one forward pass over N rows of one request's whole sequence "
+                 f"({prompt_len} prompt + {args.max_new_tokens} answer positions, what its first pass feeds)", ""]
+    sections += forward_costs(model, requests, args.clients, args.max_new_tokens, args.repeats)
     if args.server:
         from bench_engine_server import measure_server
 
         sections += ["", "Through `dimple serve` (127.0.0.1, OpenAI chat completions, concurrent HTTP clients vs one "
                      "request at a time)", ""]
-        sections += render_rows(measure_server(BUNDLED_CHECKPOINT, processor, args.clients, settings, args.repeats))
+        sections += render_rows(measure_server(BUNDLED_CHECKPOINT, processor, args.clients, settings, args.repeats,
+                                               args.threads))
     date = datetime.date.today().isoformat()
     text = (f"\n### {date} — batching engine vs one by one: {machine()}; bundled tiny checkpoint, float32, "
-            f"{args.max_new_tokens} answer slots, defaults otherwise (greedy, threshold 0.95, prefix cache); median "
-            f"of {args.repeats} run(s) per cell\n\n" + "\n".join(sections) + "\n")
+            f"{args.max_new_tokens} answer slots, {schedule(args.steps)}, defaults otherwise (greedy, prefix cache); "
+            f"median of {args.repeats} run(s) per cell\n\n" + "\n".join(sections) + "\n")
     print(text)
     before = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
     write_atomically(args.out, before + text)

@@ -28,10 +28,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(checkpoint: Path, *options: str) -> Iterator[str]:
-    """`dimple serve` on a free port until the block ends; yields its base URL once it answers."""
+def server(checkpoint: Path, *options: str, threads: int = 1) -> Iterator[str]:
+    """`dimple serve` with `threads` torch threads on a free port until the block ends; yields its base URL once it
+    answers."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server's logging
     process = subprocess.Popen([sys.executable, "-m", "dimple", "serve", str(checkpoint), "--port", str(port),
                                 "--served-model-name", "dimple", *options], env=env, stdout=log, stderr=log)
@@ -61,8 +62,9 @@ def request_body(chat: list[dict], settings: dict) -> bytes:
     image.save(png, format="PNG")
     data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     content = [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}]
+    dimple_settings = {key: value for key, value in settings.items() if key != "max_new_tokens"}
     return json.dumps({"model": "dimple", "messages": [{"role": "user", "content": content}],
-                       "max_tokens": settings["max_new_tokens"]}).encode()
+                       "max_tokens": settings["max_new_tokens"], "generation_config": dimple_settings}).encode()
 
 
 def ask(url: str, body: bytes) -> str:
@@ -102,17 +104,20 @@ def summary(clients: int, mode: str, runs: list[dict], answer_slots: int, solo: 
                 equal=sum(answer == alone for answer, alone in zip(run["answers"], solo)))
 
 
-def measure_server(checkpoint: Path, processor: Any, clients: list[int], settings: dict, repeats: int) -> list[dict]:
+def measure_server(checkpoint: Path, processor: Any, clients: list[int], settings: dict, repeats: int,
+                   threads: int) -> list[dict]:
     """Per client count: the one-at-a-time server, then the batching one (max batch = the most clients)."""
     chats = client_chats(max(clients))
     bodies = [request_body(chat, settings) for chat in chats]
     slots, rows = settings["max_new_tokens"], []
-    with server(checkpoint, "--no-batching") as sequential_url, \
-            server(checkpoint, "--max-batch-size", str(max(clients))) as batching_url:
+    with server(checkpoint, "--no-batching", threads=threads) as sequential_url, \
+            server(checkpoint, "--max-batch-size", str(max(clients)), threads=threads) as batching_url:
         ask(sequential_url, bodies[0]), ask(batching_url, bodies[0])  # warm both
         for count in clients:
-            sequential = [burst(sequential_url, bodies[:count], concurrent=True) for _ in range(repeats)]
-            batched = [burst(batching_url, bodies[:count], concurrent=True) for _ in range(repeats)]
+            sequential, batched = [], []
+            for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both modes alike
+                sequential.append(burst(sequential_url, bodies[:count], concurrent=True))
+                batched.append(burst(batching_url, bodies[:count], concurrent=True))
             solo = sequential[0]["answers"]
             base = summary(count, "server, --no-batching (one at a time)", sequential, slots, solo, None)
             rows += [base, summary(count, f"server, engine max batch {max(clients)}", batched, slots, solo,

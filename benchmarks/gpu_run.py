@@ -670,8 +670,8 @@ def render_engine(record: dict) -> str:
         return ""
     lines = [f"{record['prompt_tokens']}-token prompt (one image), {record['answer']}-token answers, ~3 tokens/step "
              "by schedule; N clients send one request each at once. One by one: generate() per request in turn "
-             f"(latency includes the wait); engine: max batch {record['max_batch_size']}, one forward pass per step "
-             "over every active request. Speed-up = one-by-one wall time / engine wall time.", ""]
+             f"(latency includes the wait); engine: max batch {record['max_batch_size']}, each step's forward passes "
+             "shared by every active request. Speed-up = one-by-one wall time / engine wall time.", ""]
     from bench_engine import render_rows
 
     lines += render_rows([row for row in record["rows"] if "error" not in row])

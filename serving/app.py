@@ -33,7 +33,6 @@ from .options import Limits
 from .requests import ChatRequest, parse_chat_request
 
 log = logging.getLogger("dimple.serve")
-DISCONNECT_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -195,24 +194,37 @@ def prepared_job(body: dict, served: Served) -> tuple[ChatRequest, Job]:
 
 
 async def finished(future: Future, request: Request, job: Job) -> torch.Tensor | None:
-    """The answer ids, or None when the client left (its decoding is cancelled). Cancelled with the task too."""
+    """The answer ids, or None when the client left (its decoding is cancelled). Cancelled with the task too.
+
+    The client's leaving is an event (the ASGI server's `http.disconnect`), not a poll: a pending request costs the
+    event loop nothing while it decodes, and a client that hangs up frees its row at the engine's next step."""
     waiting = asyncio.wrap_future(future)
     # Take the outcome's exception even when nobody awaits it any more (client gone, task cancelled at shutdown).
     waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+    leaving = asyncio.ensure_future(client_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                if waiting.cancelled():  # dropped from the decoder's queue at shutdown
-                    raise Cancelled(f"request {job.number}: cancelled before decoding")
-                return waiting.result()
-            if await request.is_disconnected():
-                log.info("request %d: client disconnected; cancelling its decoding", job.number)
-                job.cancel()
-                return None
+        await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done() and leaving.exception() is not None:  # an ASGI server whose receive() failed
+            log.warning("request %d: cannot watch its connection (%r); decoding on", job.number, leaving.exception())
+            await asyncio.wait({waiting})
+        if waiting.done():
+            if waiting.cancelled():  # dropped from the decoder's queue at shutdown
+                raise Cancelled(f"request {job.number}: cancelled before decoding")
+            return waiting.result()
+        log.info("request %d: client disconnected; cancelling its decoding", job.number)
+        job.cancel()
+        return None
     finally:
+        leaving.cancel()
         if not future.done():
             job.cancel()
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has hung up. The body was read before, so the next ASGI message the server delivers
+    is `http.disconnect`."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Reply:

@@ -143,7 +143,7 @@ class SequentialDecoder(JobRegistry):
 
 
 class EngineDecoder(JobRegistry):
-    """Every job through one `DiffusionEngine`: concurrent requests decode together, one forward pass per step, each
+    """Every job through one `DiffusionEngine`: concurrent requests decode together, sharing each step's passes, each
     with its own settings and seed, each answer the one it gets alone. A cancelled job leaves the batch at the next
     step."""
 

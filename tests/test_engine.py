@@ -79,6 +79,39 @@ def test_answers_under_load_equal_solo_answers_with_requests_joining_mid_flight(
     assert engine.forward_passes < first_passes + sum(passes for *_, passes in requests)
 
 
+def test_a_joining_request_does_not_widen_the_passes_of_the_rows_in_flight(model, processor):
+    """A request's first pass reads its whole sequence; rows past theirs keep recomputing only their block's window
+    (fed together, every row would recompute its whole prompt at each arrival). Answers stay the solo answers."""
+    long_inputs = encode(processor, [PROMPTS[3]])
+    long_settings = dict(max_new_tokens=24, alg_p_threshold=None, steps=24)
+    joining = [(encode(processor, [PROMPTS[index]]), dict(max_new_tokens=8)) for index in (0, 5)]
+    widths: list[tuple[int, int]] = []  # (rows, columns) fed by each forward pass
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        with DiffusionEngine(model, max_batch_size=4) as engine:
+            first = engine.submit(long_inputs, **long_settings)
+            while engine.forward_passes < 2:
+                time.sleep(0.01)
+            handles = [engine.submit(inputs, **settings) for inputs, settings in joining]
+            answers = [handle.result(timeout=300) for handle in handles]
+            long_answer = first.result(timeout=300)
+    finally:
+        hook.remove()
+    assert torch.equal(long_answer, solo_answer(model, long_inputs, long_settings)[0])
+    for answer, (inputs, settings) in zip(answers, joining):
+        assert torch.equal(answer, solo_answer(model, inputs, settings)[0])
+    long_length = long_inputs["input_ids"].shape[1] + 24
+    joining_lengths = {inputs["input_ids"].shape[1] + 8 for inputs, _ in joining}
+    assert widths[0] == (1, long_length)
+    # After its first pass, the long request (one block of 24) is fed its window: the block and the column before.
+    assert widths[1] == (1, 25)
+    full_passes = [(rows, columns) for rows, columns in widths[2:] if columns > 25]
+    assert full_passes and all(columns in joining_lengths for _, columns in full_passes)
+    assert sum(rows for rows, _ in full_passes) == len(joining)
+
+
 def test_waiting_requests_are_admitted_in_order_and_none_starves(model, requests):
     """With room for two, a long request submitted behind short ones starts before every later one and finishes."""
     admitted = []
