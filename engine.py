@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .cache_dimple import DimpleWindowLayer
+from .generation_utils import commit_together
 
 logger = logging.get_logger(__name__)
 
@@ -445,21 +446,32 @@ class DiffusionEngine:
         return logits.split([len(pairs) for pairs in keep])
 
     def _commit(self, logits: list[torch.Tensor]) -> None:
-        """Each row commits from its own logits with its own random stream; finished and failed rows leave."""
+        """Each row commits from its own logits by its own settings; finished and failed rows leave. Rows whose
+        selection rule is the same this step (`shared_rule`) run it as one batch, the others each with its own
+        random stream."""
         leaving = []
-        for row, row_logits in zip(self._rows, logits):
-            if row.request.future.cancelled():
-                continue  # dropped at the next step
-            try:
-                with row.random_stream():
-                    row.decoding.advance(row_logits)
-            except Exception as error:
-                row.request.fail(error)
-                leaving.append(row)
-                continue
-            if row.decoding.done:
-                self._finish(row)
-                leaving.append(row)
+        for group in shared_rule_groups([(row, row_logits) for row, row_logits in zip(self._rows, logits)
+                                         if not row.request.future.cancelled()]):  # cancelled: dropped next step
+            canvases = None
+            if len(group) > 1:
+                try:
+                    canvases = commit_together([row.decoding for row, _ in group], [logit for _, logit in group])
+                except Exception:  # each row's own rule below then fails only the row whose inputs caused it
+                    canvases = None
+            for index, (row, row_logits) in enumerate(group):
+                try:
+                    if canvases is None:
+                        with row.random_stream():
+                            row.decoding.advance(row_logits)
+                    else:
+                        row.decoding.apply(canvases[index])
+                except Exception as error:
+                    row.request.fail(error)
+                    leaving.append(row)
+                    continue
+                if row.decoding.done:
+                    self._finish(row)
+                    leaving.append(row)
         self._remove(leaving)
 
     def _finish(self, row: ActiveRow) -> None:
@@ -478,6 +490,17 @@ class DiffusionEngine:
         kept = [index for index, row in enumerate(self._rows) if row not in leaving]
         self._rows = [self._rows[index] for index in kept]
         self._cache.rearrange(kept, 0, max((row.decoding.length for row in self._rows), default=0))
+
+
+def shared_rule_groups(rows: list[tuple[ActiveRow, torch.Tensor]]) -> list[list[tuple[ActiveRow, torch.Tensor]]]:
+    """The rows grouped by their step's `shared_rule()` key, in row order; a row whose rule must run alone is a
+    group of its own."""
+    groups: dict[Any, list] = {}
+    for position, (row, row_logits) in enumerate(rows):
+        shared_rule = getattr(row.decoding, "shared_rule", None)  # a remote-code twin of an older release lacks it
+        key = shared_rule() if shared_rule is not None else None
+        groups.setdefault(position if key is None else key, []).append((row, row_logits))
+    return list(groups.values())
 
 
 def batch_span(decoding: Any, length: int) -> tuple[int, int, int]:

@@ -112,6 +112,33 @@ def test_a_joining_request_does_not_widen_the_passes_of_the_rows_in_flight(model
     assert sum(rows for rows, _ in full_passes) == len(joining)
 
 
+def test_rows_with_the_same_rule_share_one_selection_pass_and_keep_their_solo_answers(model, processor, monkeypatch):
+    """Greedy rows whose rule and schedule agree run the selection rule as one batch (one `_commit_step` call per
+    step for all of them); rows that sample (their own random streams) or use other settings run it alone. Every
+    answer is still the solo one."""
+    shared = dict(max_new_tokens=10, alg_p_threshold=None, steps=5)
+    cases = [(encode(processor, [PROMPTS[index]]), shared) for index in range(4)]
+    cases += [(encode(processor, [PROMPTS[4]]), dict(max_new_tokens=10, temperature=0.7, steps=5, seed=5)),
+              (encode(processor, [PROMPTS[5]]), dict(max_new_tokens=10, alg="entropy", steps=5))]
+    solos = [solo_answer(model, inputs, settings)[0] for inputs, settings in cases]
+    rule_batches: list[int] = []  # rows of each selection-rule call
+    commit_step = type(model)._commit_step
+
+    def counted(self, plan, step, masked, *args):
+        rule_batches.append(masked.shape[0])
+        return commit_step(self, plan, step, masked, *args)
+
+    monkeypatch.setattr(type(model), "_commit_step", counted)
+    with DiffusionEngine(model, max_batch_size=8) as engine:
+        with engine._lock:  # all six join the same step
+            handles = [engine.submit(inputs, **settings) for inputs, settings in cases]
+        answers = [handle.result(timeout=300) for handle in handles]
+    for answer, solo, (_, settings) in zip(answers, solos, cases):
+        assert torch.equal(answer, solo), settings
+    assert rule_batches.count(4) == 5  # the four shared rows: one call per step, five steps
+    assert len(rule_batches) == 5 * 3  # and the sampling row and the entropy row each alone
+
+
 def test_waiting_requests_are_admitted_in_order_and_none_starves(model, requests):
     """With room for two, a long request submitted behind short ones starts before every later one and finishes."""
     admitted = []
