@@ -189,7 +189,8 @@ def prepared_job(body: dict, served: Served) -> tuple[ChatRequest, Job]:
             f"The prompt ({prompt_len} tokens) plus the answer ({answer_len}) exceed the model's {positions} "
             "positions; shorten the messages or max_tokens.", "messages", code="context_length_exceeded",
         )
-    inputs = {key: value.to(served.model.device) for key, value in inputs.items()}
+    device = served.model.device  # a walk to the first parameter: once, not per input
+    inputs = {key: value.to(device) for key, value in inputs.items()}
     return chat, Job(dict(inputs), chat.settings, chat.seed)
 
 
