@@ -19,7 +19,6 @@ import math
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
