@@ -72,8 +72,8 @@ def export_run(run: RunRecord | None, tokenizer) -> list[str]:
 class DemoChat:
     """The page's event handlers over one loaded model; all per-visitor data comes and goes through `ChatSession`."""
 
-    def __init__(self, model, processor):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processor, engine: Any = None):
+        self.model, self.processor, self.engine = model, processor, engine
 
     def respond(self, message: dict | None, history: list, session: ChatSession, *fields: Any):
         """Send the message with the conversation so far; yields (chat, canvas, status, session, input box)."""
@@ -89,7 +89,7 @@ class DemoChat:
         conversation = [*session.turns, turn]
         stop = threading.Event()
         try:
-            for update in decode_turn(self.model, self.processor, conversation, settings, stop):
+            for update in decode_turn(self.model, self.processor, conversation, settings, stop, self.engine):
                 if isinstance(update, TurnResult):
                     result = update
                 else:
@@ -135,8 +135,9 @@ def settings_fields(defaults: DemoSettings) -> list[gr.components.Component]:
     ]
 
 
-def build_app(model, processor, title: str = "Dimple") -> gr.Blocks:
-    handlers = DemoChat(model, processor)
+def build_app(model, processor, title: str = "Dimple", engine: Any = None) -> gr.Blocks:
+    """The page over one loaded model; with `engine` (a `DiffusionEngine` over it), visitors' turns decode together."""
+    handlers = DemoChat(model, processor, engine)
     with gr.Blocks(title=f"{title} demo", analytics_enabled=False) as app:  # no calls home
         session = gr.State(ChatSession())
         gr.Markdown(INTRO)

@@ -34,8 +34,8 @@ def step_colour(step: int, total: int) -> str:
 class CanvasRecorder:
     """Draft streamer for one generation of batch size 1: records drafts and commit steps, reports each draft.
 
-    `on_draft(recorder)` runs on generate's thread after every step; it may raise to stop decoding (the page uses
-    that when its visitor leaves).
+    `on_draft(recorder)` runs on the decoding thread (generate's, or the batching engine's) after every step; it may
+    raise to stop decoding (the page uses that when its visitor leaves).
     """
 
     def __init__(self, mask_token_id: int, template: torch.Tensor | None, on_draft: Callable[["CanvasRecorder"], None]):
@@ -74,6 +74,11 @@ class CanvasRecorder:
         if self.template is None:
             return [False] * len(self.committed_at)
         return [token != self.mask_token_id for token in self.template.tolist()]
+
+    @property
+    def committed(self) -> int:
+        """Answer tokens the steps committed (the structure prior's fixed tokens are not)."""
+        return sum(step is not None for step in self.committed_at)
 
     @property
     def masks_left(self) -> int:

@@ -1,9 +1,11 @@
-"""One chat turn: the conversation so far plus the new message, decoded by `model.generate` in a worker thread.
+"""One chat turn: the conversation so far plus the new message, decoded in a worker thread by `model.generate`, or,
+when the demo serves several visitors at once, as a request to the batching engine (`dimple.engine`), which decodes
+the turns of all visitors together, sharing each step's forward passes.
 
-Gradio runs each visitor's request in its own thread; `generate` blocks, so it runs in a further thread per turn and
-hands every draft (already drawn as HTML, on its own thread, so nothing is read while it changes) through a queue to
-the request's generator, which passes it on to the page. Nothing here is shared between turns or visitors except
-the model, which decoding only reads.
+Gradio runs each visitor's request in its own thread; decoding blocks, so it runs in a further thread per turn, and
+every draft (already drawn as HTML on the decoding thread, so nothing is read while it changes) goes through a
+queue to the request's generator, which passes it on to the page. Nothing here is shared between turns or visitors
+except the model, which decoding only reads, and the engine.
 """
 
 import os
@@ -83,9 +85,10 @@ def wait_for_release(path: str, stop: threading.Event) -> None:
 
 
 def decode_turn(
-    model, processor, conversation: list[dict], settings: DemoSettings, stop: threading.Event
+    model, processor, conversation: list[dict], settings: DemoSettings, stop: threading.Event, engine: Any = None
 ) -> Iterator[str | TurnResult]:
-    """Yield the canvas as HTML after every step, then the `TurnResult`.
+    """Yield the canvas as HTML after every step, then the `TurnResult`; with `engine` (a `DiffusionEngine` over
+    `model`), the turn is decoded there, together with the other visitors' turns.
 
     Raises `ValueError` (one readable line) for anything wrong with the message or the settings, found before the
     first step; a failure during decoding is re-raised as it is (a bug, for the server log).
@@ -108,8 +111,9 @@ def decode_turn(
             wait_for_release(hold, stop)
 
     recorder = CanvasRecorder(model.config.mask_token_id, template, on_draft)
+    decode = run_generate if engine is None else run_on_engine
     worker = threading.Thread(
-        target=run_generate, args=(model, inputs, kwargs, recorder, events), name="dimple-demo-turn", daemon=True
+        target=decode, args=(engine or model, inputs, kwargs, recorder, events), name="dimple-demo-turn", daemon=True
     )
     worker.start()
     while True:
@@ -121,13 +125,12 @@ def decode_turn(
                 raise ValueError(str(payload).strip().splitlines()[0]) from payload
             raise payload
         else:
-            output, seconds = payload
-            answer_ids = output.sequences[:, inputs["input_ids"].shape[1]:]
+            answer_ids, seconds = payload
             yield canvas_html(recorder, tokenizer, total_steps, done=True)
             yield TurnResult(
                 answer=answer_text(processor, answer_ids, template),
-                forward_passes=output.num_forward_passes,
-                tokens_per_forward=float(output.tokens_per_forward[0]),
+                forward_passes=recorder.step,
+                tokens_per_forward=recorder.committed / max(recorder.step, 1),
                 seconds=seconds,
                 run=RunRecord(tuple(recorder.drafts), template, recorder.mask_token_id),
             )
@@ -135,11 +138,22 @@ def decode_turn(
 
 
 def run_generate(model, inputs: dict, kwargs: dict, recorder: CanvasRecorder, events: queue.Queue) -> None:
-    """The worker thread: one `generate` call; its output (or its exception) goes onto the queue."""
+    """The worker thread: one `generate` call; its answer ids (or its exception) go onto the queue."""
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            output = model.generate(**inputs, **kwargs, streamer=recorder, return_dict_in_generate=True)
-        events.put(("done", (output, time.perf_counter() - start)))
+            sequences = model.generate(**inputs, **kwargs, streamer=recorder)
+        events.put(("done", (sequences[:, inputs["input_ids"].shape[1]:], time.perf_counter() - start)))
+    except BaseException as error:  # handed to the request's thread, which decides how to show it
+        events.put(("error", error))
+
+
+def run_on_engine(engine, inputs: dict, kwargs: dict, recorder: CanvasRecorder, events: queue.Queue) -> None:
+    """The worker thread: the turn as one engine request, waited for; its answer ids (or its exception) go onto the
+    queue. The recorder's drafts arrive on the engine's thread, and a visitor who left fails only this request."""
+    start = time.perf_counter()
+    try:
+        answer = engine.submit(dict(inputs), streamer=recorder, **kwargs).result()
+        events.put(("done", (answer[None], time.perf_counter() - start)))
     except BaseException as error:  # handed to the request's thread, which decides how to show it
         events.put(("error", error))

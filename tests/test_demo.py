@@ -18,6 +18,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from dimple.demo.canvas import CanvasRecorder, canvas_html
 from dimple.demo.settings import parse_settings
 from dimple.demo.space import SPACE_REQUIREMENTS, write_space
 from dimple.demo.turn import HOLD_AFTER_FIRST_STEP, Stopped, TurnResult, decode_turn, user_message
+from dimple.engine import DiffusionEngine
 from dimple.modeling_dimple import DimpleModel
 from dimple.processing_dimple import DimpleProcessor
 from dimple.tiny.bundled import BUNDLED_CHECKPOINT
@@ -75,8 +77,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Iterator[dict]:
-    """`python -m dimple demo --host 127.0.0.1 --port PORT` on the bundled checkpoint, holding every answer after
-    its first step until the test creates the release file."""
+    """`python -m dimple demo --host 127.0.0.1 --port PORT --concurrency 2` on the bundled checkpoint (visitors'
+    turns decoded together on the batching engine), holding every answer after its first step until the test
+    creates the release file."""
     browser_tools()
     home = tmp_path_factory.mktemp("demo-home")
     port, release = free_port(), home / "release"
@@ -86,7 +89,8 @@ def demo(tmp_path_factory) -> Iterator[dict]:
     url = f"http://127.0.0.1:{port}"
     with open(home / "demo.log", "w+") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dimple", "demo", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+            [sys.executable, "-m", "dimple", "demo", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+             "--concurrency", "2"],
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
         )
         try:
@@ -401,12 +405,14 @@ def test_the_canvas_shades_each_token_by_the_step_that_committed_it():
     assert 'data-masks="0"' in last and "step 3" in last  # the legend names the last step of the budget
 
 
-def test_a_structure_prior_turn_streams_every_step_and_answers_as_generate(local):
+@pytest.mark.parametrize("batching", [False, True], ids=["generate", "engine"])
+def test_a_structure_prior_turn_streams_every_step_and_answers_as_generate(local, batching):
     model, processor = local
     template_text = "It is <|mask|><|mask|><|mask|>."
     settings = parse_settings(**{**VALID_FIELDS, "template": template_text})
     conversation = [user_message(SECOND_QUESTION, [])]
-    updates = list(decode_turn(model, processor, conversation, settings, threading.Event()))
+    with DiffusionEngine(model, max_batch_size=2) if batching else nullcontext() as engine:
+        updates = list(decode_turn(model, processor, conversation, settings, threading.Event(), engine))
     canvases, result = updates[:-1], updates[-1]
     assert isinstance(result, TurnResult)
 
@@ -426,15 +432,27 @@ def test_a_structure_prior_turn_streams_every_step_and_answers_as_generate(local
     fixed = int((template != processor.tokenizer.mask_token_id).sum())
     assert 'data-state="done"' in canvases[-1] and canvases[0].count('class="tok prior"') == fixed + 1  # + legend
     assert torch.equal(result.run.drafts[-1], answer_ids[0]) and torch.equal(result.run.template, template)
+    assert result.tokens_per_forward == pytest.approx(float(output.tokens_per_forward[0]))
 
 
-def test_a_visitor_who_leaves_stops_the_decoding(local):
+@pytest.mark.parametrize("batching", [False, True], ids=["generate", "engine"])
+def test_a_visitor_who_leaves_stops_the_decoding(local, batching):
     model, processor = local
     stop = threading.Event()
     stop.set()
-    turns = decode_turn(model, processor, [user_message(SECOND_QUESTION, [])], parse_settings(**VALID_FIELDS), stop)
-    with pytest.raises(Stopped):
-        next(turns)
+    settings = parse_settings(**VALID_FIELDS)
+    with DiffusionEngine(model, max_batch_size=2) if batching else nullcontext() as engine:
+        turns = decode_turn(model, processor, [user_message(SECOND_QUESTION, [])], settings, stop, engine)
+        with pytest.raises(Stopped):
+            next(turns)
+        if batching:  # the engine dropped the request: its row is freed and the engine answers the next one
+            deadline = time.monotonic() + 30
+            while engine.active and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.active == 0
+            answer = list(decode_turn(model, processor, [user_message(SECOND_QUESTION, [])], settings,
+                                      threading.Event(), engine))[-1].answer
+            assert answer == expected_answer(local, [user_message(SECOND_QUESTION, [])])[0]
     assert not [thread for thread in threading.enumerate() if thread.name == "dimple-demo-turn" and thread.is_alive()]
 
 
