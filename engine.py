@@ -23,7 +23,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, InvalidStateError, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,6 @@ from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .cache_dimple import DimpleWindowLayer
-from .generation_utils import commit_together
 
 logger = logging.get_logger(__name__)
 
@@ -187,6 +187,7 @@ class ActiveRow:
 
     request: EngineRequest
     decoding: Any
+    rule: tuple | None = field(default=None, init=False)  # the step-independent part of `shared_rule_key`, once
 
     @contextmanager
     def random_stream(self) -> Iterator[None]:
@@ -447,7 +448,7 @@ class DiffusionEngine:
 
     def _commit(self, logits: list[torch.Tensor]) -> None:
         """Each row commits from its own logits by its own settings; finished and failed rows leave. Rows whose
-        selection rule is the same this step (`shared_rule`) run it as one batch, the others each with its own
+        selection rule is the same this step (`shared_rule_key`) run it as one batch, the others each with its own
         random stream."""
         leaving = []
         for group in shared_rule_groups([(row, row_logits) for row, row_logits in zip(self._rows, logits)
@@ -493,14 +494,61 @@ class DiffusionEngine:
 
 
 def shared_rule_groups(rows: list[tuple[ActiveRow, torch.Tensor]]) -> list[list[tuple[ActiveRow, torch.Tensor]]]:
-    """The rows grouped by their step's `shared_rule()` key, in row order; a row whose rule must run alone is a
-    group of its own."""
+    """The rows grouped by their step's `shared_rule_key`, in row order; a row whose rule must run alone is a group
+    of its own."""
     groups: dict[Any, list] = {}
     for position, (row, row_logits) in enumerate(rows):
-        shared_rule = getattr(row.decoding, "shared_rule", None)  # a remote-code twin of an older release lacks it
-        key = shared_rule() if shared_rule is not None else None
+        key = shared_rule_key(row)
         groups.setdefault(position if key is None else key, []).append((row, row_logits))
     return list(groups.values())
+
+
+def shared_rule_key(row: ActiveRow) -> tuple | None:
+    """The row's selection rule at this step as a key: rows with equal keys may run it as one batch
+    (`commit_together`) and commit exactly what each commits alone, because every operation of the rule is then
+    row by row. None when the rule must run alone: it draws random numbers (sampling, `alg_temp`, the `origin`
+    algorithms), which come from the request's own stream, or reads per-request state (repetition penalty,
+    `min_new_tokens`) or keeps per-step scores, or the decoding (a remote-code twin of an older release) cannot take
+    a committed canvas."""
+    decoding = row.decoding
+    config = decoding.plan.config
+    if (config.temperature > 0 or config.alg_temp or config.alg in ("origin", "origin-ratio")
+            or config.repetition_penalty not in (None, 1.0) or config.min_new_tokens or config.output_scores
+            or not hasattr(decoding, "apply")):
+        return None
+    if row.rule is None:  # the ban list is read from the device once per request, here
+        row.rule = (
+            config.decoding_pipeline, config.alg, config.alg_p_threshold, config.top_p, config.top_k,
+            config.use_original_confidence, config.eps, tuple(decoding.plan.banned.nonzero().flatten().tolist()),
+            decoding.masked.device,
+        )
+    return row.rule, decoding.plan.answer_len, decoding.plan.block_steps, decoding.step
+
+
+def commit_together(decodings: list[Any], logits: list[torch.Tensor]) -> list[torch.LongTensor]:
+    """Phase 4 of `generate()` once for several requests with equal `shared_rule_key`s instead of once each: their
+    masks, canvases and logits stacked as one batch through the model's own `_commit_step`. Returns each request's
+    committed canvas (1, answer_len) for its `apply`; a step with NaN/inf logits is counted for the requests whose
+    rows hold them. Nothing is changed when it raises."""
+    first, device = decodings[0], decodings[0].masked.device
+    counts = [decoding.coords.shape[0] for decoding in decodings]
+    owners = torch.repeat_interleave(  # the output size given: no device sync to learn it
+        torch.arange(len(decodings), device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+    )
+    coords = torch.stack([owners, torch.cat([decoding.coords[:, 1] for decoding in decodings])], dim=1)
+    logits = torch.cat(logits)
+    sums = logits.sum(dim=-1, dtype=torch.float32)
+    bad_rows = (sums.isnan() | (sums == float("inf"))).long()
+    nonfinite = torch.zeros(len(decodings), dtype=torch.long, device=device).index_add_(0, owners, bad_rows) > 0
+    plan = replace(first.plan, sequences=torch.cat([decoding.plan.canvas for decoding in decodings]), prompt_len=0)
+    canvas = first.model._commit_step(
+        plan, first.step, torch.cat([decoding.masked for decoding in decodings]), coords, logits,
+        torch.cat([decoding.block_masks_at_start for decoding in decodings]),
+        SimpleNamespace(nonfinite_steps=0, scores=[]),  # the group's count is attributed per request above
+    )
+    for index, decoding in enumerate(decodings):
+        decoding.record.nonfinite_steps += nonfinite[index]
+    return list(canvas.split(1))
 
 
 def batch_span(decoding: Any, length: int) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ checks of the inputs in `generation_inputs_dimple`; this module is only the driv
 """
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -593,7 +593,6 @@ class DiffusionDecoding:
         self.model, self.plan, self.tokenizer, self.streamer = model, plan, tokenizer, streamer
         self.record = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=plan.sequences.device))
         self.block_start, self.step, self.done = -plan.block_len, 0, False
-        self._rule: tuple | None = None
         if streamer is not None:
             prompt = plan.sequences[:, : plan.prompt_len]
             streamer.put(prompt.cpu() if plan.prompt_known else prompt[:, :0].cpu())
@@ -656,27 +655,9 @@ class DiffusionDecoding:
             self.plan, self.step, self.masked, self.coords, logits, self.block_masks_at_start, self.record
         ))
 
-    def shared_rule(self) -> tuple | None:
-        """This step's selection rule as a key: requests with equal keys may run it as one batch
-        (`commit_together`) and commit exactly what each commits alone, because every operation of the rule is then
-        row by row. None when the rule must run alone: it draws random numbers (sampling, `alg_temp`, the `origin`
-        algorithms), which come from each request's own stream, or reads per-request state (repetition penalty,
-        `min_new_tokens`) or keeps per-step scores."""
-        config = self.plan.config
-        if (config.temperature > 0 or config.alg_temp or config.alg in ("origin", "origin-ratio")
-                or config.repetition_penalty not in (None, 1.0) or config.min_new_tokens or config.output_scores):
-            return None
-        if self._rule is None:  # the step-independent part, once: the ban list is read from the device only here
-            self._rule = (
-                config.decoding_pipeline, config.alg, config.alg_p_threshold, config.top_p, config.top_k,
-                config.use_original_confidence, config.eps, tuple(self.plan.banned.nonzero().flatten().tolist()),
-                self.masked.device,
-            )
-        return self._rule, self.plan.answer_len, self.plan.block_steps, self.step
-
     def apply(self, canvas: torch.LongTensor) -> None:
         """Move to the next step with this step's committed canvas (1, answer_len): what `advance` does after the
-        selection rule, for a caller that ran the rule for several requests at once (`commit_together`)."""
+        selection rule, for a caller that ran the rule for several requests at once (the batching engine)."""
         plan = self.plan
         self.record.forward_passes += 1
         plan.sequences[:, plan.prompt_len :] = canvas
@@ -695,30 +676,6 @@ class DiffusionDecoding:
     def finish(self) -> torch.LongTensor | DimpleGenerationOutput:
         """Phase 5 of `generate()`: warnings, stop strings, the streamer's final text, the output."""
         return self.model._finish(self.plan, self.record, self.tokenizer, self.streamer)
-
-
-def commit_together(decodings: list[DiffusionDecoding], logits: list[torch.Tensor]) -> list[torch.LongTensor]:
-    """Phase 4 once for several requests whose `shared_rule()` keys are equal, instead of once per request: their
-    masks, canvases and logits stacked as one batch. Returns each request's committed canvas (1, answer_len) for its
-    `apply`; a step with NaN/inf logits is counted for the requests whose rows hold them. Nothing is changed when
-    it raises."""
-    first, device = decodings[0], decodings[0].masked.device
-    counts = torch.tensor([decoding.coords.shape[0] for decoding in decodings], device=device)
-    owners = torch.repeat_interleave(torch.arange(len(decodings), device=device), counts)
-    coords = torch.stack([owners, torch.cat([decoding.coords[:, 1] for decoding in decodings])], dim=1)
-    logits = torch.cat(logits)
-    sums = logits.sum(dim=-1, dtype=torch.float32)
-    bad_rows = (sums.isnan() | (sums == float("inf"))).long()
-    nonfinite = torch.zeros(len(decodings), dtype=torch.long, device=device).index_add_(0, owners, bad_rows) > 0
-    plan = replace(first.plan, sequences=torch.cat([decoding.plan.canvas for decoding in decodings]), prompt_len=0)
-    scratch = _DecodingRecord(nonfinite_steps=torch.zeros((), dtype=torch.long, device=device))
-    canvas = first.model._commit_step(
-        plan, first.step, torch.cat([decoding.masked for decoding in decodings]), coords, logits,
-        torch.cat([decoding.block_masks_at_start for decoding in decodings]), scratch,
-    )
-    for index, decoding in enumerate(decodings):
-        decoding.record.nonfinite_steps += nonfinite[index]
-    return list(canvas.split(1))
 
 
 def mark_request_sizes_dynamic(
